@@ -1,0 +1,232 @@
+package imgcache
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// The invalidation bus keeps every instance's L1 coherent: each write and invalidation publishes a
+// message on the namespace's channel, and every other instance drops the L1 entries it names.
+//
+// Pub/sub delivers at most once, and not at all while a subscriber is disconnected. An instance
+// therefore flushes its whole L1 each time its subscription is (re)established: whatever it missed
+// in the gap is gone with everything else. While the subscription is down L1 keeps serving, each
+// entry for at most L1TTL: that is the staleness bound during a disconnection.
+//
+// A message is: version byte (1), kind byte, the sender's instance id (8 bytes, big-endian), a
+// uvarint count of items, and each item as a uvarint length and its bytes.
+const busVersion = 1
+
+type busKind byte
+
+const (
+	busKeys    busKind = 1 // items: canonical keys (Key.s)
+	busEntity  busKind = 2 // items: entity, id
+	busTags    busKind = 3 // items: tags
+	busPattern busKind = 4 // items: the pattern as given to InvalidatePattern
+)
+
+// maxBusItems bounds a message's item count when decoding, so a corrupt count cannot ask for a
+// large allocation.
+const maxBusItems = 1 << 16
+
+type busMsg struct {
+	kind   busKind
+	sender uint64
+	items  []string
+}
+
+func encodeBus(kind busKind, sender uint64, items []string) []byte {
+	n := 11
+	for _, it := range items {
+		n += binary.MaxVarintLen64 + len(it)
+	}
+	b := make([]byte, 0, n)
+	b = append(b, busVersion, byte(kind))
+	b = binary.BigEndian.AppendUint64(b, sender)
+	b = binary.AppendUvarint(b, uint64(len(items)))
+	for _, it := range items {
+		b = binary.AppendUvarint(b, uint64(len(it)))
+		b = append(b, it...)
+	}
+	return b
+}
+
+var errBadBus = errors.New("malformed bus message")
+
+func decodeBus(data []byte) (busMsg, error) {
+	if len(data) < 10 || data[0] != busVersion {
+		return busMsg{}, errBadBus
+	}
+	m := busMsg{kind: busKind(data[1]), sender: binary.BigEndian.Uint64(data[2:10])}
+	rest := data[10:]
+	n, w := binary.Uvarint(rest)
+	if w <= 0 || n > maxBusItems || n > uint64(len(rest)) {
+		return busMsg{}, errBadBus
+	}
+	rest = rest[w:]
+	m.items = make([]string, 0, n)
+	for range n {
+		l, w := binary.Uvarint(rest)
+		if w <= 0 || l > uint64(len(rest)-w) {
+			return busMsg{}, errBadBus
+		}
+		m.items = append(m.items, string(rest[w:w+int(l)]))
+		rest = rest[w+int(l):]
+	}
+	if len(rest) != 0 {
+		return busMsg{}, errBadBus
+	}
+	return m, nil
+}
+
+// keyFromCanonical rebuilds a Key from its canonical form as sent on the bus.
+func keyFromCanonical(s string) (Key, bool) {
+	if s == "" || s[0] == 0 || len(s) > MaxKeyLen {
+		return Key{}, false
+	}
+	return Key{s: s, h: xxhash.Sum64String(s)}, true
+}
+
+// The subscriber is one goroutine of our own around a go-redis PubSub, not go-redis's
+// ChannelWithSubscriptions: that one runs two goroutines that reconnect under the PubSub's mutex
+// with contexts that have no deadline, so PubSub.Close could wait seconds behind a reconnection to a
+// Redis that does not answer, and it never notices a connection that silently stopped delivering.
+// Here every call into go-redis has a deadline, a quiet connection is pinged, and one that stays
+// silent is replaced by a fresh subscription (whose confirmation flushes L1).
+const (
+	busPoll = 200 * time.Millisecond // longest a receive blocks; bounds how long Close waits
+	busPing = time.Second            // ping a connection quiet for this long
+	busDead = 3 * time.Second        // replace a connection quiet for this long despite pings
+)
+
+// startBus subscribes to the namespace's channel and starts the goroutine that applies messages.
+// New waits, at most L2Timeout, for the first confirmation, so that a cache is subscribed before
+// it serves; every later one (after a reconnection) flushes L1. If Redis does not confirm in time,
+// the first confirmation that arrives flushes L1 too.
+func (c *Cache[V]) startBus() {
+	ps := c.subscribe()
+	ctx, cancel := context.WithTimeout(c.base, c.l2.timeout)
+	if m, err := ps.ReceiveTimeout(ctx, c.l2.timeout); err == nil {
+		if _, ok := m.(*redis.Subscription); ok {
+			c.subscribed.Store(true)
+		}
+	}
+	cancel()
+	c.busDone = make(chan struct{})
+	go c.runBus(ps)
+}
+
+func (c *Cache[V]) subscribe() *redis.PubSub {
+	ctx, cancel := context.WithTimeout(c.base, c.l2.timeout)
+	defer cancel()
+	return c.l2.rdb.Subscribe(ctx, c.l2.channel()) // a failure here is retried by receive
+}
+
+func (c *Cache[V]) runBus(ps *redis.PubSub) {
+	defer close(c.busDone)
+	defer func() { _ = ps.Close() }() // this goroutine is the PubSub's only user: nothing holds its lock
+	heard := time.Now()
+	pinged := false
+	for c.base.Err() == nil {
+		ctx, cancel := context.WithTimeout(c.base, busPoll)
+		m, err := ps.ReceiveTimeout(ctx, busPoll)
+		cancel()
+		if err == nil {
+			heard, pinged = time.Now(), false
+			switch m := m.(type) {
+			case *redis.Subscription:
+				if m.Kind == "subscribe" {
+					// Messages sent while this instance was not subscribed are lost: drop
+					// everything they might have invalidated.
+					if c.subscribed.Swap(true) {
+						c.stats.busResubscribes.Add(1)
+					}
+					c.flushL1()
+				}
+			case *redis.Message:
+				c.applyBus([]byte(m.Payload))
+			}
+			continue
+		}
+		quiet := time.Since(heard)
+		switch {
+		case quiet > busDead:
+			_ = ps.Close()
+			ps = c.subscribe()
+			heard, pinged = time.Now(), false
+		case quiet > busPing && !pinged:
+			ctx, cancel := context.WithTimeout(c.base, c.l2.timeout)
+			_ = ps.Ping(ctx) // the PONG arrives through ReceiveTimeout
+			cancel()
+			pinged = true
+		}
+		var ne interface{ Timeout() bool }
+		if !errors.As(err, &ne) || !ne.Timeout() {
+			// Refused, reset, closed: go-redis reconnects on the next receive; do not spin.
+			select {
+			case <-c.base.Done():
+			case <-time.After(busPoll / 2):
+			}
+		}
+	}
+}
+
+func (c *Cache[V]) applyBus(data []byte) {
+	m, err := decodeBus(data)
+	if err != nil {
+		c.stats.busErrors.Add(1)
+		return
+	}
+	if m.sender == c.instance {
+		return
+	}
+	c.stats.busReceived.Add(1)
+	switch m.kind {
+	case busKeys:
+		keys := make([]Key, 0, len(m.items))
+		for _, s := range m.items {
+			if k, ok := keyFromCanonical(s); ok {
+				keys = append(keys, k)
+			}
+		}
+		c.dropL1Keys(keys)
+	case busEntity:
+		if len(m.items) == 2 {
+			c.dropL1Entity(m.items[0], m.items[1])
+		}
+	case busTags:
+		c.dropL1Tags(m.items)
+	case busPattern:
+		if len(m.items) == 1 {
+			if p, err := parsePattern(m.items[0]); err == nil {
+				c.dropL1Pattern(p)
+			}
+		}
+	default:
+		c.stats.busErrors.Add(1)
+		return
+	}
+	if hook := c.busHook.Load(); hook != nil {
+		(*hook)(m.kind)
+	}
+}
+
+// send publishes a message; a failure is counted, not returned: Redis has already been changed,
+// and the other instances' copies expire within L1TTL.
+func (c *Cache[V]) send(ctx context.Context, kind busKind, items []string) {
+	if c.l2 == nil {
+		return
+	}
+	if err := c.l2.publish(ctx, encodeBus(kind, c.instance, items)); err != nil {
+		c.countL2Error(err)
+		c.logError(ctx, "publish", c.l2.channel(), err)
+		return
+	}
+	c.stats.busSent.Add(1)
+}

@@ -1,0 +1,463 @@
+package imgcache
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math"
+	mrand "math/rand/v2"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// GetOrLoad returns the value for k, calling load to produce it when neither level has it, and then
+// stores it in both. Concurrent calls for one key on this Cache share one load, which runs detached
+// from any one caller: a caller whose ctx ends gets ctx's error while the load goes on for the others.
+// Across instances, a lease in Redis lets one instance load while the others wait for its value
+// (unless Options.LocalLoadsOnly).
+//
+// A load error that wraps ErrNotFound is remembered for Options.NegativeTTL, in both levels, so no
+// instance loads k again in that time; GetOrLoad returns ErrNotFound for it. Other load errors are
+// returned wrapped and never cached; with Options.StaleTTL, a stale value is returned instead when
+// there is one. Redis failures never fail GetOrLoad. It returns ErrClosed after Close, and an error
+// for an invalid key, TTL or tag, or a nil load.
+func (c *Cache[V]) GetOrLoad(ctx context.Context, k Key, load func(context.Context) (V, error), opts ...SetOption) (V, error) {
+	var zero V
+	if err := c.check(k); err != nil {
+		return zero, err
+	}
+	if load == nil {
+		return zero, fmt.Errorf("imgcache: get or load %s: nil load function", k)
+	}
+	so, err := c.setOptions(opts)
+	if err != nil {
+		return zero, fmt.Errorf("imgcache: get or load %s: %w", k, err)
+	}
+	if c.l1 != nil {
+		if e, ok := c.l1.get(k); ok {
+			if e.refreshFrom != 0 && coarseNow() >= e.refreshFrom {
+				c.maybeRefresh(ctx, k, e, load, so)
+			}
+			return c.result(e)
+		}
+	}
+	// A caller whose context can never end (ctx.Done() is nil) has no reason to leave before the load
+	// does, so its flight runs in its own goroutine; any other caller's runs detached.
+	f, joined, err := c.flights.doMaybeInline(k, func(f *flight[V]) { c.runFlight(ctx, k, f, load, so, nil) }, ctx.Done() == nil)
+	if err != nil {
+		return zero, err
+	}
+	if joined {
+		c.stats.coalesced.Add(1)
+	}
+	select {
+	case <-f.done:
+		if f.stale {
+			c.stats.staleServed.Add(1)
+		}
+		return f.val, f.err
+	case <-ctx.Done():
+		return zero, ctx.Err()
+	}
+}
+
+// runFlight is the shared body of GetOrLoad for one key. It runs in its own goroutine, under a context
+// that keeps the first caller's values but not its cancellation, and that Close cancels. current is
+// set for an early refresh: the entry being refreshed, which callers keep getting meanwhile.
+func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], load func(context.Context) (V, error), so setOptions, current *l1entry[V]) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(callerCtx))
+	stop := context.AfterFunc(c.base, cancel)
+	handedOff := false // the flight's end was handed to another goroutine, which does this instead
+	defer func() {
+		if !handedOff {
+			stop()
+			cancel()
+			c.flights.release(k, f)
+		}
+	}()
+	publish := func(v V, err error) { c.flights.publish(f, v, err, false) }
+
+	seq := f.seq // k's invalidation sequence when the flight began
+	// Re-check L1 inside the flight: between this caller's L1 miss and the flight's start, an
+	// earlier flight for k may have stored its value and finished. Without the re-check that
+	// interleaving loads the same key twice.
+	stale := current
+	if current == nil && c.l1 != nil {
+		if e, ok := c.l1.recheck(k); ok {
+			publish(c.result(e))
+			return
+		}
+		if c.staleTTL > 0 {
+			stale = c.l1.peekStale(k)
+		}
+	}
+	var reg registration
+	l2ok, absent := false, false // whether the load's result can be written to Redis; whether k was absent
+	if c.l2 != nil {
+		rkey := c.l2.key(k)
+		read := !c.guard.skipRead()
+		var observed []byte
+		var err error
+		reg, observed, err = c.register(ctx, k, so.tags, c.maxL2TTL(so), false, read)
+		switch {
+		case err != nil && isReply(err) && read:
+			// Redis answered but refused the bookkeeping (OOM at maxmemory with noeviction): it can
+			// still be read, just not written.
+			c.countL2Error(err)
+			if e, ok, _ := c.readL2(ctx, k); ok {
+				publish(c.result(e))
+				return
+			}
+		case err != nil:
+			c.countL2Error(err)
+			c.l2.debug(ctx, "GET", rkey, "ERROR")
+		case observed == nil:
+			l2ok, absent = true, read
+			if read {
+				c.l2.debug(ctx, "GET", rkey, "MISS")
+				c.guard.record(ctx, false)
+			}
+		default:
+			l2ok = true
+			e, err := c.decodeChecked(ctx, k, rkey, observed, reg.st.entityGen, true, reg.st.tags)
+			fresh := err == nil && e.exp > preciseNow()
+			c.guard.record(ctx, fresh)
+			switch {
+			case fresh && (current == nil || e.expMs > current.expMs): // not the value being refreshed
+				c.l2.debug(ctx, "GET", rkey, "HIT")
+				c.stats.l2Hits.Add(1)
+				c.fillL1(k, e, seq)
+				publish(c.result(e))
+				return
+			case err == nil && stale == nil && !e.negative:
+				stale = e // a stale value in Redis, kept by StaleTTL
+			case errors.Is(err, errL2Call):
+				l2ok = false
+			}
+			c.l2.debug(ctx, "GET", rkey, "MISS")
+		}
+	}
+	if current == nil {
+		c.stats.misses.Add(1)
+	}
+	obtain := func() (V, error) { return c.obtain(ctx, k, load, so, reg, l2ok, absent, seq) }
+	if current != nil { // an early refresh: nobody waits, and the current value stays
+		v, err := obtain()
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			c.postponeRefresh(k, current, seq)
+			if current.exp > preciseNow() && c.inv.of(k) == seq { // callers who joined get what they would have hit
+				v, err = current.val, nil
+			}
+		}
+		publish(v, err)
+		return
+	}
+	if stale == nil || c.softTimeout == 0 {
+		v, err := obtain()
+		v, err, usedStale := c.failSafe(k, stale, v, err, seq)
+		c.flights.publish(f, v, err, usedStale)
+		return
+	}
+	// A stale value is at hand: callers wait at most SoftLoadTimeout for the load, then get the stale
+	// value while the load goes on and refreshes the cache when it finishes.
+	type result struct {
+		v   V
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := obtain()
+		done <- result{v, err}
+	}()
+	t := time.NewTimer(c.softTimeout)
+	defer t.Stop()
+	select {
+	case r := <-done:
+		v, err, usedStale := c.failSafe(k, stale, r.v, r.err, seq)
+		c.flights.publish(f, v, err, usedStale)
+	case <-t.C:
+		if c.inv.of(k) != seq { // an invalidation ran: the stale value may be what it removed
+			r := <-done
+			c.flights.publish(f, r.v, r.err, false)
+			return
+		}
+		c.stats.refreshes.Add(1)
+		c.flights.publish(f, stale.val, nil, true)
+		// The callers have their answer; the flight stays in the map until the load ends, so no
+		// second load of k starts meanwhile. This goroutine may be a caller's own (an inline
+		// flight), so the waiting moves to another.
+		handedOff = true
+		c.flights.wg.Add(1) // this flight holds the group open: no race with close's Wait
+		go func() {
+			defer c.flights.wg.Done()
+			r := <-done
+			c.failSafe(k, stale, r.v, r.err, seq)
+			stop()
+			cancel()
+			c.flights.release(k, f)
+		}()
+	}
+}
+
+// failSafe returns the load's result, or, when the load failed and a stale value is at hand, the
+// stale value (usedStale), which it also puts back in L1 for a growing backoff so that the load is
+// retried later rather than by every caller. Like every fill, that yields to an invalidation that
+// ran since the flight began (seq): an invalidated value is never served stale.
+func (c *Cache[V]) failSafe(k Key, stale *l1entry[V], v V, err error, seq uint64) (_ V, _ error, usedStale bool) {
+	if err == nil || errors.Is(err, ErrNotFound) || stale == nil || stale.negative {
+		return v, err, false
+	}
+	if c.inv.of(k) != seq || stale.staleUntil <= preciseNow() {
+		return v, err, false // the stale value may be what was invalidated, or is past StaleTTL
+	}
+	if c.l1 != nil {
+		now := preciseNow()
+		if stale.staleUntil > now {
+			e := *stale
+			e.failures = min(stale.failures+1, 16)
+			backoff := min(failSafeBackoff<<(e.failures-1), failSafeMaxBackoff)
+			e.exp = min(now+int64(backoff), e.staleUntil)
+			e.refreshFrom, e.stale = 0, true
+			if !c.l1.addIf(k, &e, &c.inv, seq, false) {
+				return v, err, false
+			}
+		}
+	}
+	return stale.val, nil, true
+}
+
+// postponeRefresh keeps a value whose early refresh failed, and lets the next refresh start only
+// after failSafeBackoff, so that a failing database is not asked again on every hit.
+// Like every fill, it yields to an invalidation that ran since the refresh began (seq).
+func (c *Cache[V]) postponeRefresh(k Key, current *l1entry[V], seq uint64) {
+	if c.l1 == nil {
+		return
+	}
+	e := *current
+	e.refreshFrom = preciseNow() + int64(failSafeBackoff)
+	c.l1.addIf(k, &e, &c.inv, seq, false)
+}
+
+// The fail-safe retries a failing load after failSafeBackoff, doubling up to failSafeMaxBackoff.
+const (
+	failSafeBackoff    = 500 * time.Millisecond
+	failSafeMaxBackoff = 30 * time.Second
+)
+
+// obtain produces k's value: through another instance's load, waiting on its lease, or by
+// loading it here under a lease of its own (or none, with LocalLoadsOnly or Redis failing); a
+// loaded value is stored in both levels.
+func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context) (V, error), so setOptions, reg registration, l2ok, absent bool, seq uint64) (V, error) {
+	var zero V
+	if c.loadTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, c.loadTimeout)
+		defer cancel()
+	}
+	if c.leases && l2ok {
+		for {
+			token, got, err := c.acquireLease(ctx, k)
+			if err != nil {
+				break // Redis is failing: load without a lease
+			}
+			if got {
+				defer c.releaseLease(ctx, k, token)
+				break
+			}
+			v, found, err := c.awaitLease(ctx, k, seq)
+			if found {
+				c.stats.lockWaits.Add(1)
+				return v, err
+			}
+			if err != nil {
+				return zero, c.loadFailed(k, err)
+			}
+		}
+	}
+	c.stats.loads.Add(1)
+	start := time.Now()
+	v, err := c.callLoad(ctx, load)
+	cost := time.Since(start)
+	c.loadCost.Store((c.loadCost.Load()*7 + int64(cost)) / 8)
+	e := &l1entry[V]{val: v, tags: so.tags, delta: int64(cost)}
+	ttl := c.l2TTL(so)
+	switch {
+	case err == nil:
+	case errors.Is(err, ErrNotFound):
+		e.val, e.negative, ttl, err = zero, true, c.jittered(c.negTTL), ErrNotFound
+		v = zero
+	default:
+		return v, c.loadFailed(k, err)
+	}
+	var data []byte
+	e.expMs = time.Now().Add(ttl).UnixMilli()
+	if l2ok {
+		var encErr error
+		if data, encErr = c.encode(e.val, e.negative, e.expMs, reg.st); encErr != nil {
+			// The callers still get the value; it is just not cached anywhere.
+			c.stats.encodeErrors.Add(1)
+			c.logError(ctx, "encode", k.String(), encErr)
+			return v, err
+		}
+	}
+	c.stamp(e, ttl)
+	c.fillL1(k, e, seq)
+	if l2ok && !c.writeVerified(ctx, k, c.l2.key(k), data, c.pxTTL(ttl, e.negative), absent, reg) && c.l1 != nil {
+		c.l1.remove(k)
+	}
+	return v, err
+}
+
+// loadFailed counts a failed load and wraps its error.
+func (c *Cache[V]) loadFailed(k Key, err error) error {
+	c.stats.loadErrors.Add(1)
+	if errors.Is(err, context.DeadlineExceeded) && c.loadTimeout > 0 {
+		c.stats.loadTimeouts.Add(1)
+	}
+	return fmt.Errorf("imgcache: load %s: %w", k, err)
+}
+
+// stamp sets an entry's lifetimes, measured from now: fresh in L1 for the shorter of its TTL and
+// (jittered) L1TTL, in Redis for ttl, kept for StaleTTL after that as a fail-safe, and eligible for
+// early refresh from a point before its Redis expiry that grows with its load cost.
+func (c *Cache[V]) stamp(e *l1entry[V], ttl time.Duration) {
+	now := preciseNow()
+	e.l2exp = now + int64(ttl)
+	e.exp = now + int64(min(ttl, c.jittered(c.l1TTL)))
+	e.staleUntil = e.exp
+	if c.staleTTL > 0 && !e.negative {
+		e.staleUntil = e.l2exp + int64(c.staleTTL)
+	}
+	if c.beta > 0 && !e.negative {
+		delta := e.delta
+		if delta == 0 {
+			delta = max(c.loadCost.Load(), int64(time.Millisecond))
+		}
+		// Past ten times delta*beta before expiry XFetch's chance of refreshing is under e^-10:
+		// reads before that point skip the computation.
+		e.refreshFrom = e.l2exp - int64(10*float64(delta)*c.beta)
+	}
+}
+
+// maybeRefresh is XFetch: refresh when now - delta*beta*ln(U) >= expiry, U uniform in (0, 1], with
+// delta the value's load cost. At most one refresh per key, and MaxRefreshes in all, run at once.
+func (c *Cache[V]) maybeRefresh(ctx context.Context, k Key, e *l1entry[V], load func(context.Context) (V, error), so setOptions) {
+	delta := e.delta
+	if delta == 0 {
+		delta = max(c.loadCost.Load(), int64(time.Millisecond))
+	}
+	if float64(preciseNow())-float64(delta)*c.beta*math.Log(1-mrand.Float64()) < float64(e.l2exp) {
+		return
+	}
+	select {
+	case c.refreshSem <- struct{}{}:
+	default:
+		return // enough refreshes running; this key will be refreshed by a later hit or reloaded
+	}
+	if !c.flights.tryStart(k, func(f *flight[V]) {
+		defer func() { <-c.refreshSem }()
+		c.stats.refreshes.Add(1)
+		c.runFlight(ctx, k, f, load, so, e)
+	}) {
+		<-c.refreshSem
+	}
+}
+
+// TTLs. A default TTL is jittered; an explicit WithTTL is kept exactly.
+
+func (c *Cache[V]) jittered(d time.Duration) time.Duration {
+	if c.jitter == 0 {
+		return d
+	}
+	return d - time.Duration(mrand.Float64()*c.jitter*float64(d))
+}
+
+func (c *Cache[V]) l2TTL(so setOptions) time.Duration {
+	if so.explicitTTL {
+		return so.ttl
+	}
+	return max(c.jittered(so.ttl), time.Millisecond)
+}
+
+// maxL2TTL is the longest a value written by this call may live in Redis: its meta hashes must
+// outlive it.
+func (c *Cache[V]) maxL2TTL(so setOptions) time.Duration {
+	return max(so.ttl, c.negTTL) + c.staleTTL
+}
+
+// pxTTL is the Redis TTL of a value: its TTL plus the fail-safe's grace.
+func (c *Cache[V]) pxTTL(ttl time.Duration, negative bool) time.Duration {
+	if negative {
+		return ttl
+	}
+	return ttl + c.staleTTL
+}
+
+// The distributed lease: <ns>:%l:<key>, SET NX PX with a random token, released only by its holder.
+
+func (c *Cache[V]) leaseKey(k Key) string { return c.l2.prefix + "%l:" + k.String() }
+
+func (c *Cache[V]) acquireLease(ctx context.Context, k Key) (token string, got bool, err error) {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	token = hex.EncodeToString(b[:])
+	err = c.l2.call(ctx, func(ctx context.Context) error {
+		cmd := redis.NewStatusCmd(ctx, "set", c.leaseKey(k), token, "px", c.lockTTL.Milliseconds(), "nx")
+		_ = c.l2.rdb.Process(ctx, cmd)
+		return cmd.Err()
+	})
+	if errors.Is(err, redis.Nil) { // NX: someone else holds it
+		return token, false, nil
+	}
+	return token, err == nil, err
+}
+
+var releaseLeaseScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`)
+
+func (c *Cache[V]) releaseLease(ctx context.Context, k Key, token string) {
+	_ = c.l2.call(context.WithoutCancel(ctx), func(ctx context.Context) error {
+		return releaseLeaseScript.Run(ctx, c.l2.rdb, []string{c.leaseKey(k)}, token).Err()
+	})
+}
+
+// awaitLease waits while another instance holds k's lease, polling Redis with a growing interval.
+// found reports that the value (or a remembered not-found) appeared; found false with a nil error
+// means the lease was released or expired without a value, and the caller should try to take it.
+func (c *Cache[V]) awaitLease(ctx context.Context, k Key, seq uint64) (v V, found bool, err error) {
+	rkey := c.l2.key(k)
+	for wait := time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
+		select {
+		case <-ctx.Done():
+			return v, false, ctx.Err()
+		case <-time.After(wait):
+		}
+		// Only a released lease means the holder is done: until then its write may still be taken
+		// back (its verify failed). So wait for the lease to go, then read the value.
+		var held *redis.IntCmd
+		if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+			held = p.Exists(ctx, c.leaseKey(k))
+		}); err != nil {
+			return v, false, nil // Redis is failing: let the caller load
+		}
+		if held.Val() != 0 {
+			continue
+		}
+		data, g, gok, err := c.readWithGen(ctx, k, rkey)
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return v, false, nil
+		}
+		if err == nil {
+			if e, err := c.decodeChecked(ctx, k, rkey, data, g, gok, nil); err == nil && e.exp > preciseNow() {
+				c.fillL1(k, e, seq)
+				v, err := c.result(e)
+				return v, true, err
+			}
+		}
+		return v, false, nil // released without a value: the caller takes the lease
+	}
+}

@@ -1,0 +1,307 @@
+package imgcache
+
+import (
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+)
+
+// l1 is the in-process level: golang-lru's LRU core, sharded by the key's hash so that readers on
+// different cores rarely meet on one mutex. Entries carry their own expiry, checked on read against
+// the coarse clock; nothing runs per entry.
+//
+// Each shard wraps simplelru in a sync.Mutex of its own, as golang-lru's lru.New does with an
+// RWMutex: the plain Mutex is cheaper for an LRU, whose every Get writes (it moves the entry to the
+// front), and holding it lets a hit be counted and an expired entry be removed in the same critical
+// section, with no atomic and no window in which a fresh entry could be removed in its place.
+type l1[V any] struct {
+	shards []l1shard[V]
+	mask   uint64
+}
+
+type l1shard[V any] struct {
+	mu        sync.Mutex                       // protects lru, freq, hits and evictions
+	lru       *simplelru.LRU[Key, *l1entry[V]] // entries are never modified once added
+	w         *wtinylfu[V]                     // PolicyTinyLFU; lru is nil then
+	hits      uint64                           // per shard, so that parallel hits share no counter
+	evictions uint64
+	_         [64 - 8 - 8 - 8 - 8 - 8]byte // one shard per cache line
+}
+
+// Policy chooses what L1 keeps when it is full.
+type Policy int
+
+const (
+	// PolicyLRU evicts the least recently used entry: golang-lru's LRU, sharded.
+	PolicyLRU Policy = iota
+	// PolicyTinyLFU is W-TinyLFU (see wtinylfu.go) on golang-lru's LRUs: a new entry enters a
+	// small window, and then stays only if it has been asked for more often than the entry it
+	// would push out, by a small frequency sketch of recent lookups. One-off keys and scans then
+	// cannot push out popular entries.
+	PolicyTinyLFU
+)
+
+type l1entry[V any] struct {
+	val         V
+	exp         int64    // clock reading (see coarseNow) after which the entry is not served as fresh
+	staleUntil  int64    // after exp and until this, kept for a GetOrLoad's fail-safe (StaleTTL)
+	l2exp       int64    // when the value expires in Redis: early refresh aims before it
+	expMs       int64    // the envelope's expiry (Unix ms): identifies this write of the value
+	refreshFrom int64    // from here on a GetOrLoad hit considers an early refresh; 0 = never
+	delta       int64    // how long the value took to load, in ns (0 = unknown)
+	negative    bool     // a remembered "not found"
+	stale       bool     // a stale value put back by the fail-safe: served, and counted, as stale
+	failures    uint8    // consecutive failed loads behind a fail-safe entry, for its backoff
+	tags        []string // for InvalidateTags
+}
+
+// newL1 makes an L1 of about size entries. Shards get an equal share, rounded up, so the total may
+// exceed size by less than one entry per shard.
+func newL1[V any](size int, policy Policy) *l1[V] {
+	n := 1
+	for n < 4*runtime.GOMAXPROCS(0) && size/(n*2) >= 64 {
+		n *= 2
+	}
+	l := &l1[V]{shards: make([]l1shard[V], n), mask: uint64(n - 1)}
+	per := (size + n - 1) / n
+	for i := range l.shards {
+		c, err := simplelru.NewLRU[Key, *l1entry[V]](per, nil)
+		if err != nil { // only for per <= 0, which New rules out
+			panic(err)
+		}
+		if policy == PolicyTinyLFU {
+			l.shards[i].w = newWTinyLFU[V](per)
+		} else {
+			l.shards[i].lru = c
+		}
+	}
+	return l
+}
+
+func (l *l1[V]) shard(k Key) *l1shard[V] { return &l.shards[k.h&l.mask] }
+
+// get returns the entry for k if it is present and unexpired, counting the hit; an expired entry is
+// removed. The entry is shared: callers must not modify it. Entries are pointers so that a hit copies
+// the value once, into the caller's result, instead of at every layer.
+func (l *l1[V]) get(k Key) (*l1entry[V], bool) { return l.lookup(k, false) }
+
+// recheck is get for a caller looking again inside its flight: the policy does not count it as
+// another access.
+func (l *l1[V]) recheck(k Key) (*l1entry[V], bool) { return l.lookup(k, true) }
+
+func (l *l1[V]) lookup(k Key, recheck bool) (*l1entry[V], bool) {
+	s := l.shard(k)
+	s.mu.Lock()
+	var e *l1entry[V]
+	var ok bool
+	if s.w != nil {
+		e, ok = s.w.get(k, recheck)
+	} else {
+		e, ok = s.lru.Get(k)
+	}
+	if !ok {
+		s.mu.Unlock()
+		return nil, false
+	}
+	// Reading the wall clock would cost more than the whole lookup, so the coarse clock decides unless
+	// the entry is within clockSlack of its expiry; then the precise clock does.
+	if d := e.exp - coarseNow(); d <= clockSlack && (d <= 0 || e.exp <= preciseNow()) {
+		if e.staleUntil <= preciseNow() {
+			s.removeLocked(k)
+		}
+		s.mu.Unlock()
+		return nil, false
+	}
+	s.hits++
+	s.mu.Unlock()
+	return e, true
+}
+
+// peekStale returns k's entry if it is past its freshness but within its fail-safe grace.
+func (l *l1[V]) peekStale(k Key) *l1entry[V] {
+	s := l.shard(k)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.peekLocked(k)
+	if !ok || e.negative {
+		return nil
+	}
+	if now := preciseNow(); e.exp > now || e.staleUntil <= now {
+		return nil
+	}
+	return e
+}
+
+// add stores e, admission filter or not: the caller's own Set and the fail-safe's backoff use it.
+func (l *l1[V]) add(k Key, e *l1entry[V]) {
+	s := l.shard(k)
+	s.mu.Lock()
+	s.addLocked(k, e, false)
+	s.mu.Unlock()
+}
+
+// addIf adds e only if k's invalidation sequence still reads want, checked under the shard lock. An invalidation bumps
+// seq before it takes the shard locks to remove entries, so a fill that read L2 or loaded before the
+// invalidation either sees the bump here or is added before the removal reaches its shard.
+// With admit, the policy's admission filter applies (fills from Redis or a load); without, it
+// does not (the fail-safe putting back a value it serves).
+func (l *l1[V]) addIf(k Key, e *l1entry[V], inv *invalidations, want uint64, admit bool) bool {
+	s := l.shard(k)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if inv.of(k) != want {
+		return false
+	}
+	return s.addLocked(k, e, admit)
+}
+
+// addLocked adds e. Under PolicyTinyLFU a new entry enters the window, where admission to the
+// main area is decided later, so admit does not matter there; it is kept for the call sites' sake.
+func (s *l1shard[V]) addLocked(k Key, e *l1entry[V], _ bool) bool {
+	if s.w != nil {
+		s.evictions += uint64(s.w.add(k, e))
+	} else if s.lru.Add(k, e) {
+		s.evictions++
+	}
+	return true
+}
+
+func (s *l1shard[V]) removeLocked(k Key) bool {
+	if s.w != nil {
+		return s.w.remove(k)
+	}
+	return s.lru.Remove(k)
+}
+
+func (s *l1shard[V]) peekLocked(k Key) (*l1entry[V], bool) {
+	if s.w != nil {
+		return s.w.peek(k)
+	}
+	return s.lru.Peek(k)
+}
+
+func (s *l1shard[V]) lenLocked() int {
+	if s.w != nil {
+		return s.w.len()
+	}
+	return s.lru.Len()
+}
+
+func (l *l1[V]) remove(k Key) {
+	s := l.shard(k)
+	s.mu.Lock()
+	s.removeLocked(k)
+	s.mu.Unlock()
+}
+
+func (l *l1[V]) purge() {
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		if s.w != nil {
+			s.w.purge()
+		} else {
+			s.lru.Purge()
+		}
+		s.mu.Unlock()
+	}
+}
+
+// removeIf drops every entry that matches; it walks the whole L1 and suits rare invalidations.
+func (l *l1[V]) removeIf(match func(Key, *l1entry[V]) bool) int {
+	n := 0
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		var keys []Key
+		if s.w != nil {
+			keys = s.w.keys()
+		} else {
+			keys = s.lru.Keys()
+		}
+		for _, k := range keys {
+			if e, ok := s.peekLocked(k); ok && match(k, e) && s.removeLocked(k) {
+				n++
+			}
+		}
+		s.mu.Unlock()
+	}
+	return n
+}
+
+func (l *l1[V]) counts() (hits, evictions, entries uint64) {
+	for i := range l.shards {
+		s := &l.shards[i]
+		s.mu.Lock()
+		hits += s.hits
+		evictions += s.evictions
+		entries += uint64(s.lenLocked())
+		s.mu.Unlock()
+	}
+	return hits, evictions, entries
+}
+
+// The coarse clock: one goroutine for the whole process, running while at least one Cache is open,
+// stores the monotonic time every clockTick. An L1 hit reads it with one atomic load instead of
+// calling time.Now, which costs about as much as the whole LRU lookup.
+const (
+	clockTick = time.Millisecond
+	// clockSlack is how near its expiry an entry must be for a read to consult the precise clock. It
+	// covers the tick and a few milliseconds of scheduling delay of the clock goroutine, so an entry
+	// outlives its expiry only if that goroutine is starved for longer than this.
+	clockSlack = int64(5 * time.Millisecond)
+)
+
+var (
+	clockEpoch = time.Now()
+	clockNow   atomic.Int64
+
+	clockMu   sync.Mutex // protects clockRefs and clockStop
+	clockRefs int
+	clockStop chan struct{}
+	clockDone chan struct{}
+)
+
+func coarseNow() int64  { return clockNow.Load() }
+func preciseNow() int64 { return int64(time.Since(clockEpoch)) }
+
+// acquireClock starts the clock goroutine for the first open Cache; releaseClock stops it after the
+// last Cache closes and waits for it to exit.
+func acquireClock() {
+	clockMu.Lock()
+	defer clockMu.Unlock()
+	clockRefs++
+	if clockRefs > 1 {
+		return
+	}
+	clockNow.Store(preciseNow())
+	stop, done := make(chan struct{}), make(chan struct{})
+	clockStop, clockDone = stop, done
+	go func() {
+		defer close(done)
+		t := time.NewTicker(clockTick)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				clockNow.Store(preciseNow())
+			case <-stop:
+				return
+			}
+		}
+	}()
+}
+
+func releaseClock() {
+	clockMu.Lock()
+	defer clockMu.Unlock()
+	clockRefs--
+	if clockRefs > 0 {
+		return
+	}
+	close(clockStop)
+	<-clockDone
+}

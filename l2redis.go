@@ -1,0 +1,367 @@
+package imgcache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// l2 is the shared level: Redis, through any go-redis UniversalClient. Every call runs under its own
+// deadline of timeout, whatever the caller's context allows, so a slow or silent Redis costs a
+// request at most about that much.
+type l2 struct {
+	rdb     redis.UniversalClient
+	prefix  string // "<Namespace>:"
+	timeout time.Duration
+	log     *slog.Logger // nil when debug logging is off
+	brk     *breaker     // nil when disabled
+}
+
+// call runs one Redis round trip under the breaker and the L2Timeout budget. redis.Nil (an absent
+// key) is a reply, not an error, to the breaker.
+func (l *l2) call(ctx context.Context, f func(ctx context.Context) error) error {
+	if err := ctx.Err(); err != nil {
+		return err // the caller has left: do not ask Redis, and do not count it
+	}
+	if !l.brk.allow() {
+		return ErrBreakerOpen
+	}
+	// A caller's deadline shorter than a tenth of L2Timeout says little about Redis when it passes:
+	// such a call does not count for the breaker. A longer one does: a healthy Redis answers in
+	// well under a millisecond.
+	short := false
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < l.timeout/10 {
+		short = true
+	}
+	cctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	err := f(cctx)
+	if cerr := ctx.Err(); errors.Is(cerr, context.Canceled) || (cerr != nil && short) {
+		l.brk.abandon()
+		return err
+	}
+	l.brk.observe(pipelineErr(err))
+	return err
+}
+
+// pipelined runs a pipeline through call.
+func (l *l2) pipelined(ctx context.Context, f func(ctx context.Context, p redis.Pipeliner)) error {
+	return l.call(ctx, func(ctx context.Context) error {
+		_, err := l.rdb.Pipelined(ctx, func(p redis.Pipeliner) error { f(ctx, p); return nil })
+		return pipelineErr(err)
+	})
+}
+
+// checkClient refuses a client that would ignore the per-call deadline. go-redis applies a context's
+// deadline to the socket only with ContextTimeoutEnabled; without it a blackholed Redis holds every
+// call for ReadTimeout (3 s by default), far past L2Timeout.
+func checkClient(c redis.UniversalClient) error {
+	var enabled bool
+	switch c := c.(type) {
+	case *redis.Client:
+		enabled = c.Options().ContextTimeoutEnabled
+	case *redis.ClusterClient:
+		enabled = c.Options().ContextTimeoutEnabled
+	case *redis.Ring:
+		enabled = c.Options().ContextTimeoutEnabled
+	default:
+		return fmt.Errorf("imgcache: Options.Redis: cannot tell whether a %T honours context deadlines; "+
+			"pass a *redis.Client, *redis.ClusterClient or *redis.Ring (redis.NewUniversalClient returns one)", c)
+	}
+	if !enabled {
+		return errors.New("imgcache: Options.Redis: set ContextTimeoutEnabled: true in the client's options; " +
+			"without it go-redis ignores context deadlines and a stalled Redis blocks calls for ReadTimeout instead of L2Timeout")
+	}
+	return nil
+}
+
+func (l *l2) key(k Key) string { return l.prefix + k.String() }
+
+// set writes val with its TTL in the same command (SET key val PX ms): there is no moment at which the
+// key exists without a TTL. The TTL is truncated to whole milliseconds, Redis's resolution.
+func (l *l2) set(ctx context.Context, rkey string, val []byte, ttl time.Duration) error {
+	err := l.call(ctx, func(ctx context.Context) error {
+		return l.rdb.Process(ctx, redis.NewStatusCmd(ctx, "set", rkey, val, "px", ttl.Milliseconds()))
+	})
+	l.debugSet(ctx, rkey, ttl, err)
+	return err
+}
+
+// debugSet logs a SET; a conditional SET that found the key taken (redis.Nil) logs as SKIPPED.
+func (l *l2) debugSet(ctx context.Context, rkey string, ttl time.Duration, err error) {
+	if l.log != nil && l.log.Enabled(ctx, slog.LevelDebug) {
+		result := "OK"
+		switch {
+		case errors.Is(err, redis.Nil):
+			result = "SKIPPED"
+		case err != nil:
+			result = "ERROR"
+		}
+		l.log.LogAttrs(ctx, slog.LevelDebug, "imgcache L2 SET",
+			slog.String("key", rkey), slog.Duration("ttl", ttl), slog.String("result", result))
+	}
+}
+
+// del removes keys one command each, pipelined: a multi-key DEL would fail with CROSSSLOT on a Redis
+// Cluster, while a pipeline is split by node.
+func (l *l2) del(ctx context.Context, rkeys ...string) error {
+	if len(rkeys) == 0 {
+		return nil
+	}
+	err := l.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+		for _, k := range rkeys {
+			p.Unlink(ctx, k)
+		}
+	})
+	for _, k := range rkeys {
+		l.debug(ctx, "DEL", k, resultOf(err))
+	}
+	return err
+}
+
+// delIfUnchanged deletes rkey only if it still holds val: an unreadable value is removed without
+// racing a writer that has just replaced it with a good one.
+var delIfUnchanged = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+	return redis.call('DEL', KEYS[1])
+end
+return 0`)
+
+func (l *l2) delUnreadable(ctx context.Context, rkey string, val []byte) error {
+	return l.call(ctx, func(ctx context.Context) error {
+		return delIfUnchanged.Run(ctx, l.rdb, []string{rkey}, val).Err()
+	})
+}
+
+func (l *l2) debug(ctx context.Context, op, rkey, result string) {
+	if l.log != nil && l.log.Enabled(ctx, slog.LevelDebug) {
+		l.log.LogAttrs(ctx, slog.LevelDebug, "imgcache L2 "+op, slog.String("key", rkey), slog.String("result", result))
+	}
+}
+
+// Bookkeeping keys live under the namespace, behind a '%' that escaping never puts in front of a
+// non-hex letter, so no data key and no pattern over data keys can name them:
+//
+//	<ns>:%e:{<entity>:<id>} hash: generation "g", delete epoch "d", prune mark "p", one field per
+//	                        stored variant (its value's expiry)
+//	<ns>:%g:{<entity>:<id>} the generation again, as a string, so that a read fetches it with the
+//	                        value in one MGET; the hash tag keeps it in the hash's slot, and the
+//	                        scripts keep the two in step
+//	<ns>:%t:<tag>           hash: as the entity's, one field per tagged key
+//	<ns>:%p                 the pattern epoch, bumped by InvalidatePattern
+//	<ns>:%bus               the pub/sub channel (not a key)
+//
+// A script touches one meta hash, and for an entity its generation key, which shares the hash's
+// slot; so every script works on a Redis Cluster. Each key carries a TTL: a meta hash outlives the
+// longest-lived value registered in it by metaTTL's margin.
+func (l *l2) entityMeta(entity, id string) string { return l.prefix + "%e:" + entityTag(entity, id) }
+func (l *l2) entityGen(entity, id string) string  { return l.prefix + "%g:" + entityTag(entity, id) }
+
+// entityTag is "{<entity>:<id>}", escaped: a Redis Cluster hash tag (escaping leaves no braces in it).
+func entityTag(entity, id string) string {
+	p := entityPrefix(entity, id)
+	return "{" + p[:len(p)-1] + "}"
+}
+func (l *l2) tagMeta(tag string) string { return l.prefix + "%t:" + string(appendEscaped(nil, tag)) }
+func (l *l2) epochKey() string          { return l.prefix + "%p" }
+func (l *l2) channel() string           { return l.prefix + "%bus" }
+
+// metaTTL is how long a meta hash lives past the values registered in it: long enough that a value
+// never outlives the generation it is checked against (it would read as invalid, which is safe,
+// but a wasted miss), short enough that bookkeeping does not linger.
+func metaTTL(ttl time.Duration) time.Duration { return ttl + max(ttl/10, 5*time.Second) }
+
+// epochTTL bounds the pattern epoch's life. If it expires while a load is in flight, that load
+// sees a change and drops its write: safe.
+const epochTTL = 24 * time.Hour
+
+// registerScript returns a meta hash's generation and delete epoch, creating the hash with the
+// given initial generation if it is missing, registers a member if one is given, optionally bumps
+// the delete epoch first, and extends the TTL to at least ARGV[2] ms.
+//
+// A member's field holds its value's expiry by Redis's own clock (TIME, so no host's clock is
+// involved), so that members whose values have expired can be dropped: whenever the hash has grown
+// past twice what the last prune kept ("p", at least 64 fields), it drops the expired ones. A tag on
+// an endless stream of new keys therefore keeps only its live members, at O(1) amortised cost.
+var registerScript = redis.NewScript(`
+local g = redis.call('HGET', KEYS[1], 'g')
+if not g then
+	g = ARGV[1]
+	redis.call('HSET', KEYS[1], 'g', g, 'd', '0')
+end
+if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[1], 'd', 1) end
+if KEYS[2] then
+	if redis.call('GET', KEYS[2]) ~= g then
+		redis.call('SET', KEYS[2], g, 'PX', ARGV[2])
+	elseif redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
+		redis.call('PEXPIRE', KEYS[2], ARGV[2])
+	end
+end
+if ARGV[3] ~= '' then
+	local t = redis.call('TIME')
+	local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+	redis.call('HSET', KEYS[1], ARGV[3], now + tonumber(ARGV[5]))
+	local limit = tonumber(redis.call('HGET', KEYS[1], 'p') or '64')
+	if redis.call('HLEN', KEYS[1]) > limit then
+		local all = redis.call('HGETALL', KEYS[1])
+		local kept = 0
+		for i = 1, #all, 2 do
+			local f = all[i]
+			if f ~= 'g' and f ~= 'd' and f ~= 'p' then
+				if tonumber(all[i + 1]) < now then redis.call('HDEL', KEYS[1], f) else kept = kept + 1 end
+			end
+		end
+		redis.call('HSET', KEYS[1], 'p', math.max(64, 2 * kept + 3))
+	end
+end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {g, redis.call('HGET', KEYS[1], 'd')}`)
+
+// bumpDeleteScript bumps an existing meta hash's delete epoch; it never creates one.
+var bumpDeleteScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HINCRBY', KEYS[1], 'd', 1) end
+return 0`)
+
+// invalidateScript bumps a meta hash's generation and delete epoch, and an entity's generation key
+// (KEYS[2]) with it, and returns and forgets the hash's members. Without the hash (evicted) it
+// still bumps the generation key, which is what reads check.
+var invalidateScript = redis.NewScript(`
+if redis.call('EXISTS', KEYS[1]) == 0 then
+	if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCR', KEYS[2]) end
+	return {}
+end
+local g = redis.call('HINCRBY', KEYS[1], 'g', 1)
+redis.call('HINCRBY', KEYS[1], 'd', 1)
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('SET', KEYS[2], g, 'KEEPTTL') end
+local members = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+	if f ~= 'g' and f ~= 'd' and f ~= 'p' then
+		members[#members + 1] = f
+		redis.call('HDEL', KEYS[1], f)
+	end
+end
+return members`)
+
+var bumpEpochScript = redis.NewScript(`
+local v = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return v`)
+
+// eval runs a script inside a pipeline. Scripts go as EVAL, not EVALSHA: a pipeline cannot fall
+// back after NOSCRIPT, and a restarted Redis has an empty script cache.
+func eval(ctx context.Context, p redis.Pipeliner, s *redis.Script, keys []string, args ...any) *redis.Cmd {
+	return s.Eval(ctx, p, keys, args...)
+}
+
+// newGeneration is the first generation of a meta hash: random, so that a hash that was evicted
+// and created again cannot repeat a generation an old value was stamped with. Later generations
+// come from Redis (HINCRBY); no host's clock is involved.
+func newGeneration() uint64 { return rand.Uint64()>>2 | 1 }
+
+// metaReply parses registerScript's {g, d}.
+func metaReply(cmd *redis.Cmd) (g, d uint64, err error) {
+	vals, err := cmd.Slice()
+	if err != nil {
+		return 0, 0, err
+	}
+	if len(vals) != 2 {
+		return 0, 0, fmt.Errorf("meta reply has %d fields", len(vals))
+	}
+	gs, _ := vals[0].(string)
+	ds, _ := vals[1].(string)
+	if g, err = strconv.ParseUint(gs, 10, 64); err == nil {
+		d, err = strconv.ParseUint(ds, 10, 64)
+	}
+	return g, d, err
+}
+
+// genReply parses an HGET of a generation: ok is false when the hash or field is missing.
+func genReply(cmd *redis.StringCmd) (gen uint64, ok bool, err error) {
+	s, err := cmd.Result()
+	if errors.Is(err, redis.Nil) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	gen, err = strconv.ParseUint(s, 10, 64)
+	return gen, err == nil, err
+}
+
+// ordered runs steps so that each finishes before the next starts: in one pipeline on a single
+// Redis (which executes one connection's commands in order), or one round trip per step when the
+// keys may live on different nodes (Cluster, Ring). Invalidation and the verify-after-write of
+// loads rely on this order. A redis.Nil reply (an absent key) is not an error here.
+func (l *l2) ordered(ctx context.Context, steps ...func(redis.Pipeliner)) error {
+	if _, single := l.rdb.(*redis.Client); single {
+		return l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) {
+			for _, s := range steps {
+				s(p)
+			}
+		})
+	}
+	for _, s := range steps {
+		if err := l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) { s(p) }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// pipelineErr drops redis.Nil, which a pipeline returns when any of its commands read an absent key.
+func pipelineErr(err error) error {
+	if errors.Is(err, redis.Nil) {
+		return nil
+	}
+	return err
+}
+
+// scanEach runs SCAN MATCH over every master (one node, each Cluster master, each Ring shard) and
+// calls fn with each batch and the client of the node that holds it.
+func (l *l2) scanEach(ctx context.Context, match string, fn func(ctx context.Context, node redis.Cmdable, keys []string) error) error {
+	scan := func(ctx context.Context, node *redis.Client) error {
+		var cursor uint64
+		for {
+			var keys []string
+			var next uint64
+			err := l.call(ctx, func(ctx context.Context) (err error) {
+				keys, next, err = node.Scan(ctx, cursor, match, scanCount).Result()
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if len(keys) > 0 {
+				if err := fn(ctx, node, keys); err != nil {
+					return err
+				}
+			}
+			if cursor = next; cursor == 0 {
+				return nil
+			}
+		}
+	}
+	switch c := l.rdb.(type) {
+	case *redis.Client:
+		return scan(ctx, c)
+	case *redis.ClusterClient:
+		return c.ForEachMaster(ctx, scan)
+	case *redis.Ring:
+		return c.ForEachShard(ctx, scan)
+	}
+	return fmt.Errorf("cannot scan a %T", l.rdb)
+}
+
+// scanCount is SCAN's COUNT hint: enough keys per round trip to cross a large keyspace quickly,
+// few enough that one call never holds Redis for long.
+const scanCount = 1000
+
+func (l *l2) publish(ctx context.Context, msg []byte) error {
+	return l.call(ctx, func(ctx context.Context) error { return l.rdb.Publish(ctx, l.channel(), msg).Err() })
+}

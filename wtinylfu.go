@@ -1,0 +1,108 @@
+package imgcache
+
+import "github.com/hashicorp/golang-lru/v2/simplelru"
+
+// wtinylfu is W-TinyLFU (Einziger, Friedman and Manes, 2017; Caffeine's policy) built from three
+// golang-lru LRUs: every new entry enters a small window (1%); the window's oldest entry then
+// competes with the oldest entry of the main area's probation segment, and the TinyLFU sketch
+// keeps whichever has been asked for more often; a probation entry that is hit again moves to the
+// protected segment (80% of the main area), whose overflow falls back to probation. The window
+// keeps bursts of new keys, the sketch keeps one-off keys and scans from pushing out popular ones.
+// Not safe for concurrent use: each L1 shard owns one, under its lock.
+type wtinylfu[V any] struct {
+	window, probation, protected *simplelru.LRU[Key, *l1entry[V]]
+	windowCap, mainCap, protCap  int
+	freq                         *sketch
+}
+
+func newWTinyLFU[V any](size int) *wtinylfu[V] {
+	w := &wtinylfu[V]{freq: newSketch(size)}
+	w.windowCap = max(size/100, 1)
+	w.mainCap = max(size-w.windowCap, 1)
+	w.protCap = w.mainCap * 8 / 10
+	// The LRUs never evict by themselves: their capacities are past what the policy lets them hold.
+	w.window, _ = simplelru.NewLRU[Key, *l1entry[V]](w.windowCap+1, nil)
+	w.probation, _ = simplelru.NewLRU[Key, *l1entry[V]](w.mainCap+1, nil)
+	w.protected, _ = simplelru.NewLRU[Key, *l1entry[V]](w.protCap+1, nil)
+	return w
+}
+
+// get counts the access in the sketch (unless recheck: the same caller looking again) and returns
+// k's entry, promoting a probation hit.
+func (w *wtinylfu[V]) get(k Key, recheck bool) (*l1entry[V], bool) {
+	if !recheck {
+		w.freq.increment(k.h)
+	}
+	if e, ok := w.window.Get(k); ok {
+		return e, true
+	}
+	if e, ok := w.protected.Get(k); ok {
+		return e, true
+	}
+	if e, ok := w.probation.Peek(k); ok {
+		w.probation.Remove(k)
+		w.protected.Add(k, e)
+		if w.protected.Len() > w.protCap {
+			if ok2, v, ok3 := w.protected.RemoveOldest(); ok3 {
+				w.probation.Add(ok2, v)
+			}
+		}
+		return e, true
+	}
+	return nil, false
+}
+
+func (w *wtinylfu[V]) peek(k Key) (*l1entry[V], bool) {
+	for _, l := range [...]*simplelru.LRU[Key, *l1entry[V]]{w.window, w.protected, w.probation} {
+		if e, ok := l.Peek(k); ok {
+			return e, true
+		}
+	}
+	return nil, false
+}
+
+// add stores e for k and reports how many entries it evicted. A key already present is updated in
+// its segment; a new one enters the window.
+func (w *wtinylfu[V]) add(k Key, e *l1entry[V]) (evicted int) {
+	for _, l := range [...]*simplelru.LRU[Key, *l1entry[V]]{w.window, w.protected, w.probation} {
+		if l.Contains(k) {
+			l.Add(k, e)
+			return 0
+		}
+	}
+	w.window.Add(k, e)
+	if w.window.Len() <= w.windowCap {
+		return 0
+	}
+	ck, ce, _ := w.window.RemoveOldest()
+	if w.probation.Len()+w.protected.Len() < w.mainCap {
+		w.probation.Add(ck, ce)
+		return 0
+	}
+	victims := w.probation
+	if victims.Len() == 0 {
+		victims = w.protected
+	}
+	vk, _, _ := victims.GetOldest()
+	if w.freq.estimate(ck.h) > w.freq.estimate(vk.h) {
+		victims.Remove(vk)
+		w.probation.Add(ck, ce)
+	}
+	return 1 // the candidate or the victim
+}
+
+func (w *wtinylfu[V]) remove(k Key) bool {
+	return w.window.Remove(k) || w.protected.Remove(k) || w.probation.Remove(k)
+}
+
+func (w *wtinylfu[V]) purge() {
+	w.window.Purge()
+	w.probation.Purge()
+	w.protected.Purge()
+}
+
+func (w *wtinylfu[V]) keys() []Key {
+	return append(append(w.window.Keys(), w.probation.Keys()...), w.protected.Keys()...)
+}
+
+func (w *wtinylfu[V]) len() int { return w.window.Len() + w.probation.Len() + w.protected.Len() }
