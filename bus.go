@@ -29,6 +29,7 @@ const (
 	busEntity  busKind = 2 // items: entity, id
 	busTags    busKind = 3 // items: tags
 	busPattern busKind = 4 // items: the pattern as given to InvalidatePattern
+	busSet     busKind = 5 // items: a canonical key, and the written envelope's xxhash (8 bytes, big-endian)
 )
 
 // maxBusItems bounds a message's item count when decoding, so a corrupt count cannot ask for a
@@ -196,6 +197,14 @@ func (c *Cache[V]) applyBus(data []byte) {
 			}
 		}
 		c.dropL1Keys(keys)
+	case busSet:
+		if len(m.items) != 2 || len(m.items[1]) != 8 {
+			c.stats.busErrors.Add(1)
+			return
+		}
+		if k, ok := keyFromCanonical(m.items[0]); ok {
+			c.dropL1Written(k, binary.BigEndian.Uint64([]byte(m.items[1])))
+		}
 	case busEntity:
 		if len(m.items) == 2 {
 			c.dropL1Entity(m.items[0], m.items[1])
@@ -215,6 +224,12 @@ func (c *Cache[V]) applyBus(data []byte) {
 	if hook := c.busHook.Load(); hook != nil {
 		(*hook)(m.kind)
 	}
+}
+
+// sendSet tells the other instances that k was written with the envelope data: each drops its copy
+// of k unless that copy was read from this very write.
+func (c *Cache[V]) sendSet(ctx context.Context, k Key, data []byte) {
+	c.send(ctx, busSet, []string{k.s, string(binary.BigEndian.AppendUint64(nil, xxhash.Sum64(data)))})
 }
 
 // send publishes a message; a failure is counted, not returned: Redis has already been changed,

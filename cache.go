@@ -397,7 +397,7 @@ func (c *Cache[V]) Set(ctx context.Context, k Key, v V, opts ...SetOption) error
 	if err := c.l2.set(ctx, c.l2.key(k), b, c.pxTTL(ttl, false)); err != nil {
 		return fail(err)
 	}
-	c.send(ctx, busKeys, []string{k.s})
+	c.sendSet(ctx, k, b)
 	return nil
 }
 

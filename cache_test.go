@@ -106,7 +106,10 @@ func TestReadPathL1ThenL2ThenMiss(t *testing.T) {
 	if s := a.Stats(); s.L1Hits != 1 || s.L2Hits != 0 {
 		t.Errorf("a stats after Get = %+v, want one L1 hit", s)
 	}
-	// b has nothing in L1: L2 answers and fills L1, so the next read is an L1 hit.
+	// b has nothing in L1: L2 answers and fills L1, so the next read is an L1 hit. Wait for a's
+	// message first: one applied during b's L2 read keeps that read out of L1 (it may predate
+	// the write), which would make the L1 hit an L2 hit.
+	waitFor(t, func() bool { return b.Stats().BusReceived == 1 })
 	for i := range 2 {
 		got, err := b.Get(ctx, k)
 		if err != nil || !sameImageMeta(got, want) {

@@ -376,6 +376,17 @@ func (c *Cache[V]) dropL1Keys(keys []Key) {
 	}
 }
 
+// dropL1Written applies another instance's Set of k, whose envelope hashes to wid. A copy read from
+// that very write is kept: it is what a drop and a fresh read would give. That spares the reader who
+// raced ahead of the message a second round trip. Loads already in flight are still kept out of L1,
+// as by any invalidation of k.
+func (c *Cache[V]) dropL1Written(k Key, wid uint64) {
+	c.inv.key(k)
+	if c.l1 != nil {
+		c.l1.removeUnless(k, wid)
+	}
+}
+
 func (c *Cache[V]) dropL1Entity(entity, id string) {
 	c.inv.entity(entity, id)
 	if c.l1 != nil {

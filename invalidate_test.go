@@ -2,6 +2,7 @@ package imgcache
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -100,6 +102,46 @@ func TestSetReachesEveryInstancesL1(t *testing.T) {
 	}
 	if sb.BusReceived != 2 {
 		t.Errorf("b received %d messages, want 2", sb.BusReceived)
+	}
+}
+
+// A Set's message names the envelope it wrote: an instance that already read that very write keeps
+// its copy, and drops any other.
+func TestBusSetKeepsOnlyACopyOfThatWrite(t *testing.T) {
+	e := newEnv(t)
+	cs := instances(e, 2, e.opts())
+	a, b := cs[0], cs[1]
+	k := NewKey("artist", "7").With("type", "avatar")
+	if err := a.Set(ctx, k, metaV("7", 1)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return b.Stats().BusReceived == 1 })
+	if _, err := b.Get(ctx, k); err != nil { // an L2 hit: b's copy is a's write
+		t.Fatal(err)
+	}
+	written := xxhash.Sum64String(e.raw(k))
+	msg := func(wid uint64) []byte {
+		return encodeBus(busSet, b.instance+1, []string{k.s, string(binary.BigEndian.AppendUint64(nil, wid))})
+	}
+
+	b.applyBus(msg(written)) // the same write, reported late
+	if _, err := b.Get(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	if s := b.Stats(); s.L1Hits != 1 || s.L2Hits != 1 {
+		t.Errorf("after a late message for the write b holds: %+v, want the copy kept (1 L1 hit, 1 L2 hit)", s)
+	}
+
+	b.applyBus(msg(written + 1)) // another write
+	if s := b.Stats(); s.L1Entries != 0 {
+		t.Errorf("after a message for another write b has %d L1 entries, want its copy dropped", s.L1Entries)
+	}
+
+	before := b.Stats().BusErrors
+	b.applyBus(encodeBus(busSet, b.instance+1, []string{k.s, "short"}))
+	b.applyBus(encodeBus(busSet, b.instance+1, []string{k.s}))
+	if got := b.Stats().BusErrors - before; got != 2 {
+		t.Errorf("malformed set messages counted %d bus errors, want 2", got)
 	}
 }
 

@@ -50,6 +50,7 @@ type l1entry[V any] struct {
 	staleUntil  int64    // after exp and until this, kept for a GetOrLoad's fail-safe (StaleTTL)
 	l2exp       int64    // when the value expires in Redis: early refresh aims before it
 	expMs       int64    // the envelope's expiry (Unix ms): identifies this write of the value
+	wid         uint64   // xxhash of the envelope read from Redis (0 = not read from Redis)
 	refreshFrom int64    // from here on a GetOrLoad hit considers an early refresh; 0 = never
 	delta       int64    // how long the value took to load, in ns (0 = unknown)
 	negative    bool     // a remembered "not found"
@@ -194,6 +195,16 @@ func (l *l1[V]) remove(k Key) {
 	s := l.shard(k)
 	s.mu.Lock()
 	s.removeLocked(k)
+	s.mu.Unlock()
+}
+
+// removeUnless removes k's entry unless it was read from Redis as the envelope whose hash is wid.
+func (l *l1[V]) removeUnless(k Key, wid uint64) {
+	s := l.shard(k)
+	s.mu.Lock()
+	if e, ok := s.peekLocked(k); ok && (wid == 0 || e.wid != wid) {
+		s.removeLocked(k)
+	}
 	s.mu.Unlock()
 }
 

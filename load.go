@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -150,7 +151,7 @@ func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data [
 		c.delUnreadable(ctx, rkey, data)
 		return nil, errStale
 	}
-	e.negative, e.expMs = env.negative, env.expiryMs
+	e.negative, e.expMs, e.wid = env.negative, env.expiryMs, xxhash.Sum64(data)
 	// The envelope carries the L2 expiry, so L1 can stop at it without asking Redis for the PTTL.
 	c.stamp(e, time.Duration(env.expiryMs-time.Now().UnixMilli())*time.Millisecond)
 	return e, nil
