@@ -33,7 +33,8 @@ type Options struct {
 	Namespace string
 	// L1Size is the most entries the in-process level holds. 0 means 10,000; negative disables L1.
 	L1Size int
-	// L1Policy chooses what L1 keeps when it is full: PolicyLRU (the zero value) or PolicyTinyLFU.
+	// L1Policy chooses what L1 keeps when it is full: PolicyAuto (the zero value: W-TinyLFU from
+	// 1,000 entries up, LRU below), PolicyLRU or PolicyTinyLFU.
 	L1Policy Policy
 	// L1TTL is the longest an entry lives in L1, however long its L2 TTL. 0 means 1 minute. It bounds
 	// how long an instance can serve a value that another instance has changed.
@@ -278,7 +279,7 @@ func New[V any](opts Options) (*Cache[V], error) {
 	}
 	c.codecID = codecID(c.codec)
 	if opts.L1Size >= 0 {
-		if opts.L1Policy != PolicyLRU && opts.L1Policy != PolicyTinyLFU {
+		if opts.L1Policy < PolicyAuto || opts.L1Policy > PolicyTinyLFU {
 			return nil, fmt.Errorf("imgcache: Options.L1Policy %d is not a Policy", opts.L1Policy)
 		}
 		c.l1 = newL1[V](orDefault(opts.L1Size, DefaultL1Size), opts.L1Policy)

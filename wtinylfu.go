@@ -8,9 +8,10 @@ import "github.com/hashicorp/golang-lru/v2/simplelru"
 // keeps whichever has been asked for more often; a probation entry that is hit again moves to the
 // protected segment (80% of the main area), whose overflow falls back to probation. The window
 // keeps bursts of new keys, the sketch keeps one-off keys and scans from pushing out popular ones.
-// Not safe for concurrent use: each L1 shard owns one, under its lock.
+// Entries are keyed by their Key's hash, as in the L1 shards (which check the key itself). Not safe
+// for concurrent use: each L1 shard owns one, under its lock.
 type wtinylfu[V any] struct {
-	window, probation, protected *simplelru.LRU[Key, *l1entry[V]]
+	window, probation, protected *simplelru.LRU[uint64, *l1entry[V]]
 	windowCap, mainCap, protCap  int
 	freq                         *sketch
 }
@@ -21,18 +22,16 @@ func newWTinyLFU[V any](size int) *wtinylfu[V] {
 	w.mainCap = max(size-w.windowCap, 1)
 	w.protCap = w.mainCap * 8 / 10
 	// The LRUs never evict by themselves: their capacities are past what the policy lets them hold.
-	w.window, _ = simplelru.NewLRU[Key, *l1entry[V]](w.windowCap+1, nil)
-	w.probation, _ = simplelru.NewLRU[Key, *l1entry[V]](w.mainCap+1, nil)
-	w.protected, _ = simplelru.NewLRU[Key, *l1entry[V]](w.protCap+1, nil)
+	w.window, _ = simplelru.NewLRU[uint64, *l1entry[V]](w.windowCap+1, nil)
+	w.probation, _ = simplelru.NewLRU[uint64, *l1entry[V]](w.mainCap+1, nil)
+	w.protected, _ = simplelru.NewLRU[uint64, *l1entry[V]](w.protCap+1, nil)
 	return w
 }
 
-// get counts the access in the sketch (unless recheck: the same caller looking again) and returns
-// k's entry, promoting a probation hit.
-func (w *wtinylfu[V]) get(k Key, recheck bool) (*l1entry[V], bool) {
-	if !recheck {
-		w.freq.increment(k.h)
-	}
+// get counts an access to the key with hash k in the sketch and returns its entry, promoting a
+// probation hit.
+func (w *wtinylfu[V]) get(k uint64) (*l1entry[V], bool) {
+	w.freq.increment(k)
 	if e, ok := w.window.Get(k); ok {
 		return e, true
 	}
@@ -52,8 +51,9 @@ func (w *wtinylfu[V]) get(k Key, recheck bool) (*l1entry[V], bool) {
 	return nil, false
 }
 
-func (w *wtinylfu[V]) peek(k Key) (*l1entry[V], bool) {
-	for _, l := range [...]*simplelru.LRU[Key, *l1entry[V]]{w.window, w.protected, w.probation} {
+// peek looks in the segments largest first: protected holds most entries, and most hits.
+func (w *wtinylfu[V]) peek(k uint64) (*l1entry[V], bool) {
+	for _, l := range [...]*simplelru.LRU[uint64, *l1entry[V]]{w.protected, w.probation, w.window} {
 		if e, ok := l.Peek(k); ok {
 			return e, true
 		}
@@ -61,10 +61,10 @@ func (w *wtinylfu[V]) peek(k Key) (*l1entry[V], bool) {
 	return nil, false
 }
 
-// add stores e for k and reports how many entries it evicted. A key already present is updated in
-// its segment; a new one enters the window.
-func (w *wtinylfu[V]) add(k Key, e *l1entry[V]) (evicted int) {
-	for _, l := range [...]*simplelru.LRU[Key, *l1entry[V]]{w.window, w.protected, w.probation} {
+// add stores e for the hash k and reports how many entries it evicted. A hash already present is
+// updated in its segment; a new one enters the window.
+func (w *wtinylfu[V]) add(k uint64, e *l1entry[V]) (evicted int) {
+	for _, l := range [...]*simplelru.LRU[uint64, *l1entry[V]]{w.window, w.protected, w.probation} {
 		if l.Contains(k) {
 			l.Add(k, e)
 			return 0
@@ -84,14 +84,14 @@ func (w *wtinylfu[V]) add(k Key, e *l1entry[V]) (evicted int) {
 		victims = w.protected
 	}
 	vk, _, _ := victims.GetOldest()
-	if w.freq.estimate(ck.h) > w.freq.estimate(vk.h) {
+	if w.freq.estimate(ck) > w.freq.estimate(vk) {
 		victims.Remove(vk)
 		w.probation.Add(ck, ce)
 	}
 	return 1 // the candidate or the victim
 }
 
-func (w *wtinylfu[V]) remove(k Key) bool {
+func (w *wtinylfu[V]) remove(k uint64) bool {
 	return w.window.Remove(k) || w.protected.Remove(k) || w.probation.Remove(k)
 }
 
@@ -101,7 +101,7 @@ func (w *wtinylfu[V]) purge() {
 	w.protected.Purge()
 }
 
-func (w *wtinylfu[V]) keys() []Key {
+func (w *wtinylfu[V]) keys() []uint64 {
 	return append(append(w.window.Keys(), w.probation.Keys()...), w.protected.Keys()...)
 }
 

@@ -47,7 +47,10 @@ var simValue = Meta(1)
 // Policies returns the policies compared, Belady's optimum last.
 func Policies() []Policy {
 	return []Policy{
-		{"imgcache L1", func(size int, trace []int32, keys *TraceKeys) (int, error) {
+		{"imgcache L1 (default, PolicyAuto)", func(size int, trace []int32, keys *TraceKeys) (int, error) {
+			return runImgcache(size, imgcache.PolicyAuto, trace, keys)
+		}},
+		{"imgcache L1, PolicyLRU", func(size int, trace []int32, keys *TraceKeys) (int, error) {
 			return runImgcache(size, imgcache.PolicyLRU, trace, keys)
 		}},
 		{"imgcache L1, PolicyTinyLFU", func(size int, trace []int32, keys *TraceKeys) (int, error) {
@@ -66,7 +69,7 @@ func Policies() []Policy {
 }
 
 // runImgcache counts imgcache's own L1 hits (Stats.L1Hits) with no Redis: Get, and Set on a miss.
-// PolicyLRU is the default; PolicyTinyLFU is the W-TinyLFU option.
+// PolicyAuto, the default, is PolicyTinyLFU from 1,000 entries up and PolicyLRU below.
 func runImgcache(size int, policy imgcache.Policy, trace []int32, keys *TraceKeys) (int, error) {
 	c, err := imgcache.New[imgcache.ImageMeta](imgcache.Options{L1Size: size, L1Policy: policy, L1TTL: time.Hour, TTL: time.Hour})
 	if err != nil {

@@ -289,7 +289,7 @@ func hitRatio(path, out string) error {
 				l.Color, s.Color = color.Black, color.Black
 			}
 			p.Legend.Add(policy, l, s)
-			if policy == "imgcache L1" {
+			if policy == "imgcache L1, PolicyLRU" {
 				// Drawn last, and larger: it lies on golang-lru's LRU curve.
 				s.Radius = vg.Points(4.5)
 				top = []plot.Plotter{l, s}
