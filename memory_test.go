@@ -20,29 +20,30 @@ import (
 // The entries are realistic: key NewKey("artist", id).With("type", "avatar").With("size", "512")
 // with ids 1 to 100,000, and an ImageMeta with a path like /srv/images/artists/12345/avatar.webp,
 // MIME type image/webp (a shared constant, as services use), a quoted 16-hex-digit ETag, a size,
-// 512x512 and a ModTime. On amd64 with Go 1.26 an entry stored by Set costs 475 B:
+// 512x512 and a ModTime. The L1 is W-TinyLFU (PolicyAuto at this size). On amd64 with Go 1.26 an
+// entry stored by Set costs 457 B:
 //
 //	key's canonical string  46 B  "artist\0" id "\0size\0512\0type\0avatar", 33 B for a 5-digit id,
 //	                              in the 48 B size class (32 B up to 4 digits). The Key itself
-//	                              (string header and hash, 24 B) is held inline, twice: in the
-//	                              map slot and in the list element.
+//	                              (string header and hash, 24 B) is held inline in the entry.
 //	value's strings         72 B  Path (37 B, 48 B class) and ETag (18 B, 24 B class); the
 //	                              MIMEType constant is shared
-//	*l1entry[ImageMeta]    208 B  200 B (ImageMeta 112 B, seven int64 of expiry and bookkeeping,
-//	                              three flags, the tags slice header), 208 B class
-//	golang-lru list element 96 B  next, prev, list, Key, Value, ExpiresAt, ExpireBucket: 88 B
-//	map slot                53 B  Key (24 B) and pointer (8 B) in a Swiss-table group with its
-//	                              control byte, at the tables' load (38-75 B as they fill and grow)
+//	*l1entry[ImageMeta]    224 B  ImageMeta 112 B, seven int64 of expiry and bookkeeping, the
+//	                              write's hash, three flags, the tags slice header and the Key
+//	map slot                24 B  the key's 64-bit hash and a pointer in a Swiss-table group with
+//	                              its control byte, at the tables' load
+//	list element and sketch 91 B  golang-lru's element (next, prev, list, hash, value, ExpiresAt,
+//	                              ExpireBucket: 72 B, 80 B class) and W-TinyLFU's sketch (8 B)
 //
-// An entry filled from Redis costs 499 B: UnmarshalBinary keeps all four strings in one allocation
+// An entry filled from Redis costs 481 B: UnmarshalBinary keeps all four strings in one allocation
 // of the whole binary form (87 B, 96 B class) instead of two, 24 B more.
 
 // memEntries is how many entries the measurements store: enough that per-cache constants (the
 // shards, the clock) vanish in the per-entry figure, few enough to take well under a second.
 const memEntries = 100_000
 
-// memBound is the most bytes per entry TestL1MemoryPerEntry accepts. Measured: 475 B by Set,
-// 499 B filled from Redis, the same with 1 to 64 shards. The map's share alone can move by 35 B
+// memBound is the most bytes per entry TestL1MemoryPerEntry accepts. Measured: 457 B by Set,
+// 481 B filled from Redis, the same with 1 to 64 shards. The map's share alone can move by 35 B
 // with the entry count (where its tables are in their growth), and a field added to l1entry can
 // move it to the next size class (16 B): 650 B leaves room for both, and fails on a new allocation
 // per entry of 150 B or on anything near a doubling.
@@ -211,12 +212,12 @@ func measureL1Parts(t *testing.T, value func(int) ImageMeta) []memPart {
 	}
 	h4 := liveHeap()
 	shards := len(c.l1.shards)
-	maps := make([]map[Key]*l1entry[ImageMeta], shards)
+	maps := make([]map[uint64]*l1entry[ImageMeta], shards)
 	for i := range maps {
-		maps[i] = make(map[Key]*l1entry[ImageMeta])
+		maps[i] = make(map[uint64]*l1entry[ImageMeta])
 	}
 	for i, k := range keys {
-		maps[k.h&uint64(shards-1)][k] = entries[i]
+		maps[k.h&uint64(shards-1)][k.h] = entries[i]
 	}
 	h5 := liveHeap()
 	runtime.KeepAlive(keys)
@@ -232,6 +233,6 @@ func measureL1Parts(t *testing.T, value func(int) ImageMeta) []memPart {
 		{"value's strings", per(h2-h1, unsafe.Sizeof(ImageMeta{}))},
 		{fmt.Sprintf("*l1entry (%d B struct)", unsafe.Sizeof(l1entry[ImageMeta]{})), l1e},
 		{fmt.Sprintf("map slot (%d shards)", shards), mapSlot},
-		{"list element (the rest)", per(h3-h2, 0) - l1e - mapSlot},
+		{"list element and sketch (the rest)", per(h3-h2, 0) - l1e - mapSlot},
 	}
 }
