@@ -32,10 +32,10 @@ func newWTinyLFU[V any](size int) *wtinylfu[V] {
 // probation hit.
 func (w *wtinylfu[V]) get(k uint64) (*l1entry[V], bool) {
 	w.freq.increment(k)
-	if e, ok := w.window.Get(k); ok {
+	if e, ok := w.protected.Get(k); ok { // most entries, and most hits
 		return e, true
 	}
-	if e, ok := w.protected.Get(k); ok {
+	if e, ok := w.window.Get(k); ok {
 		return e, true
 	}
 	if e, ok := w.probation.Peek(k); ok {
