@@ -279,7 +279,7 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 	}
 	c.stats.loads.Add(1)
 	start := time.Now()
-	v, err := c.callLoad(ctx, load)
+	v, err := callLoad(ctx, &c.flights.wg, load)
 	cost := time.Since(start)
 	c.loadCost.Store((c.loadCost.Load()*7 + int64(cost)) / 8)
 	e := &l1entry[V]{val: v, tags: so.tags, delta: int64(cost)}
@@ -305,26 +305,28 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 	}
 	c.stamp(e, ttl)
 	c.fillL1(k, e, seq)
-	if l2ok && !c.writeVerified(ctx, k, c.l2.key(k), data, c.pxTTL(ttl, e.negative), absent, reg) && c.l1 != nil {
+	if l2ok && !c.writeVerified(ctx, []l2write{{k, data, c.pxTTL(ttl, e.negative), absent, reg}})[0] && c.l1 != nil {
 		c.l1.remove(k)
 	}
 	return v, err
 }
 
-// loadFailed counts a failed load and wraps its error.
-func (c *Cache[V]) loadFailed(k Key, err error) error {
+// loadFailed counts a failed load of what (a Key, or a batch's description) and wraps its error.
+func (c *Cache[V]) loadFailed(what any, err error) error {
 	c.stats.loadErrors.Add(1)
 	if errors.Is(err, context.DeadlineExceeded) && c.loadTimeout > 0 {
 		c.stats.loadTimeouts.Add(1)
 	}
-	return fmt.Errorf("imgcache: load %s: %w", k, err)
+	return fmt.Errorf("imgcache: load %s: %w", what, err)
 }
 
 // stamp sets an entry's lifetimes, measured from now: fresh in L1 for the shorter of its TTL and
 // (jittered) L1TTL, in Redis for ttl, kept for StaleTTL after that as a fail-safe, and eligible for
 // early refresh from a point before its Redis expiry that grows with its load cost.
-func (c *Cache[V]) stamp(e *l1entry[V], ttl time.Duration) {
-	now := preciseNow()
+func (c *Cache[V]) stamp(e *l1entry[V], ttl time.Duration) { c.stampAt(e, ttl, preciseNow()) }
+
+// stampAt is stamp with now read already (preciseNow), for a batch read at one moment.
+func (c *Cache[V]) stampAt(e *l1entry[V], ttl time.Duration, now int64) {
 	e.l2exp = now + int64(ttl)
 	e.exp = now + int64(min(ttl, c.jittered(c.l1TTL)))
 	e.staleUntil = e.exp

@@ -165,6 +165,12 @@ func (k Key) String() string {
 		}
 		return "!invalid(" + k.s[1:] + ")"
 	}
+	var buf [128]byte // most keys fit: the only allocation is the string itself
+	return string(k.appendString(buf[:0]))
+}
+
+// appendString appends String's form of a valid key to b.
+func (k Key) appendString(b []byte) []byte {
 	head, params := k.split()
 	e, id, _ := strings.Cut(head, "\x00")
 	var sum [8]byte
@@ -173,13 +179,11 @@ func (k Key) String() string {
 		sum[i] = byte(h)
 		h >>= 8
 	}
-	var buf [128]byte // most keys fit: the only allocation is the string itself
-	b := appendEscaped(buf[:0], e)
+	b = appendEscaped(b, e)
 	b = append(b, ':')
 	b = appendEscaped(b, id)
 	b = append(b, ':')
-	b = hex.AppendEncode(b, sum[:])
-	return string(b)
+	return hex.AppendEncode(b, sum[:])
 }
 
 // GoString makes %#v print the key readably in test failures.

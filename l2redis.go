@@ -163,6 +163,13 @@ func (l *l2) debug(ctx context.Context, op, rkey, result string) {
 func (l *l2) entityMeta(entity, id string) string { return l.prefix + "%e:" + entityTag(entity, id) }
 func (l *l2) entityGen(entity, id string) string  { return l.prefix + "%g:" + entityTag(entity, id) }
 
+// appendEntityGen appends entityGen(entity, id) to b.
+func (l *l2) appendEntityGen(b []byte, entity, id string) []byte {
+	b = append(append(b, l.prefix...), "%g:{"...)
+	b = append(appendEscaped(b, entity), ':')
+	return append(appendEscaped(b, id), '}')
+}
+
 // entityTag is "{<entity>:<id>}", escaped: a Redis Cluster hash tag (escaping leaves no braces in it).
 func entityTag(entity, id string) string {
 	p := entityPrefix(entity, id)

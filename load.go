@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -107,9 +108,37 @@ var (
 // decodeChecked decodes a value read from Redis and checks its stamp against the current
 // generations: the entity's (g, gok: missing means invalid) and its tags', read now unless known
 // already holds them. An unreadable value is deleted and counted; a stale one is counted. Both are
-// misses.
+// misses. GetMany runs the same steps (decodeValue, stampStale, finishEntry) over many values, with
+// one read of all their tags' generations.
 func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data []byte, g uint64, gok bool, known []tagGen) (*l1entry[V], error) {
 	e := new(l1entry[V])
+	env, err := c.decodeValue(ctx, k, data, e)
+	if err != nil {
+		c.delUnreadable(ctx, rkey, data)
+		return nil, err
+	}
+	stale, missing := stampStale(env, g, gok, known, nil, nil)
+	if !stale && len(missing) > 0 {
+		cur, err := c.tagGenerations(ctx, missing)
+		if err != nil {
+			c.countL2Error(err)
+			return nil, errL2Call
+		}
+		stale, missing = stampStale(env, g, gok, known, cur, missing[:0])
+		stale = stale || len(missing) > 0 // a missing meta hash: evicted or expired
+	}
+	if stale {
+		c.stats.l2Stale.Add(1)
+		c.delUnreadable(ctx, rkey, data)
+		return nil, errStale
+	}
+	c.finishEntry(e, env, data, preciseNow(), time.Now().UnixMilli())
+	return e, nil
+}
+
+// decodeValue checks data's envelope and decodes its payload into e.val. An unreadable value is
+// counted and logged; the caller deletes it.
+func (c *Cache[V]) decodeValue(ctx context.Context, k Key, data []byte, e *l1entry[V]) (envelope, error) {
 	env, err := decodeEnvelope(data, c.codecID, c.maxValue)
 	if err == nil && !env.negative {
 		err = c.decode(env.payload, &e.val)
@@ -118,48 +147,52 @@ func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data [
 		c.stats.l2Errors.Add(1)
 		c.stats.l2Unreadable.Add(1)
 		c.logError(ctx, "decode", k.String(), err)
-		c.delUnreadable(ctx, rkey, data)
-		return nil, err
 	}
-	stale := !gok || env.entityGen != g
-	if !stale && env.ntags > 0 {
-		var missing []string
-		env.eachTag(func(tag []byte, gen uint64) {
-			e.tags = append(e.tags, string(tag))
-			if cur, ok := lookupTag(known, string(tag)); ok {
-				stale = stale || cur != gen
-			} else {
-				missing = append(missing, string(tag))
-			}
-		})
-		if !stale && len(missing) > 0 {
-			cur, err := c.tagGenerations(ctx, missing)
-			if err != nil {
-				c.countL2Error(err)
-				return nil, errL2Call
-			}
-			env.eachTag(func(tag []byte, gen uint64) {
-				if g, ok := lookupTag(cur, string(tag)); ok && g != gen {
-					stale = true
-				}
-			})
-			stale = stale || len(cur) < len(missing) // a missing meta hash: evicted or expired
-		}
-	}
-	if stale {
-		c.stats.l2Stale.Add(1)
-		c.delUnreadable(ctx, rkey, data)
-		return nil, errStale
-	}
-	e.negative, e.expMs, e.wid = env.negative, env.expiryMs, xxhash.Sum64(data)
-	// The envelope carries the L2 expiry, so L1 can stop at it without asking Redis for the PTTL.
-	c.stamp(e, time.Duration(env.expiryMs-time.Now().UnixMilli())*time.Millisecond)
-	return e, nil
+	return env, err
 }
 
-func lookupTag(gens []tagGen, tag string) (uint64, bool) {
+// stampStale reports whether env's stamp is older than the current generations: the entity's (g;
+// gok false means its generation key is missing, which makes every value of it invalid) and the
+// tags' found in known or more. Tags found in neither are appended to missing, for the caller to
+// read; they do not make the value stale here.
+func stampStale(env envelope, g uint64, gok bool, known, more []tagGen, missing []string) (bool, []string) {
+	if !gok || env.entityGen != g {
+		return true, missing
+	}
+	stale := false
+	env.eachTag(func(tag []byte, gen uint64) {
+		cur, ok := lookupTag(known, tag)
+		if !ok {
+			cur, ok = lookupTag(more, tag)
+		}
+		switch {
+		case !ok:
+			missing = append(missing, string(tag))
+		case cur != gen:
+			stale = true
+		}
+	})
+	return stale, missing
+}
+
+// finishEntry completes an entry decoded from data, whose stamp was found current, at now
+// (preciseNow) and nowMs (Unix ms).
+func (c *Cache[V]) finishEntry(e *l1entry[V], env envelope, data []byte, now, nowMs int64) {
+	if env.ntags > 0 {
+		e.tags = make([]string, 0, env.ntags)
+		env.eachTag(func(tag []byte, _ uint64) { e.tags = append(e.tags, string(tag)) })
+	}
+	e.negative, e.expMs = env.negative, env.expiryMs
+	if c.l1 != nil { // the bus compares it with L1's copy (see dropL1Written)
+		e.wid = xxhash.Sum64(data)
+	}
+	// The envelope carries the L2 expiry, so L1 can stop at it without asking Redis for the PTTL.
+	c.stampAt(e, time.Duration(env.expiryMs-nowMs)*time.Millisecond, now)
+}
+
+func lookupTag(gens []tagGen, tag []byte) (uint64, bool) {
 	for _, t := range gens {
-		if t.tag == tag {
+		if t.tag == string(tag) {
 			return t.gen, true
 		}
 	}
@@ -221,111 +254,185 @@ type registration struct {
 }
 
 // register creates or extends the meta hashes of k's entity and of tags, registers k as a member
-// of each, and returns their generations; with bumpDelete it also moves the entity's delete epoch
-// (Set does, so that loads in flight drop their writes rather than race it). With get it also reads
-// the value and the pattern epoch, in the same round trip.
+// of each, and returns their generations and the pattern epoch; with bumpDelete it also moves the
+// entity's delete epoch (Set does, so that loads in flight drop their writes rather than race it).
+// With get it also reads the value, in the same round trip.
 func (c *Cache[V]) register(ctx context.Context, k Key, tags []string, ttl time.Duration, bumpDelete, get bool) (reg registration, data []byte, err error) {
-	ks := k.String()
+	rs, err := c.registerMany(ctx, []Key{k}, tags, ttl, bumpDelete, []bool{get})
+	if err != nil {
+		return reg, nil, err
+	}
+	return rs[0].reg, rs[0].data, rs[0].err
+}
+
+// registered is registerMany's result for one key.
+type registered struct {
+	reg  registration
+	data []byte // the value, when it was read and is there
+	err  error  // this key's registration or read failed
+}
+
+// registerMany is register for many keys (distinct or not) in one pipeline: one script per key and
+// tag, one GET per key whose get is set, and one GET of the pattern epoch. err is set when the
+// pipeline as a whole failed (Redis unreachable, the breaker open, the epoch unreadable); a key
+// whose own commands failed (a script refused at maxmemory) has its registered.err set.
+func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, ttl time.Duration, bumpDelete bool, get []bool) ([]registered, error) {
 	bump := "0"
 	if bumpDelete {
 		bump = "1"
 	}
 	metaMs := metaTTL(ttl).Milliseconds()
-	var getCmd, epochCmd *redis.StringCmd
-	entityCmd := new(redis.Cmd)
-	tagCmds := make([]*redis.Cmd, len(tags))
-	if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+	epochCmd := new(redis.StringCmd)
+	getCmds := make([]*redis.StringCmd, len(ks))
+	entityCmds := make([]*redis.Cmd, len(ks))
+	tagCmds := make([]*redis.Cmd, len(ks)*len(tags))
+	ran := false
+	err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+		ran = true
 		epochCmd = p.Get(ctx, c.l2.epochKey()) // always: the load's verify compares against it
-		if get {
-			getCmd = p.Get(ctx, c.l2.prefix+ks)
+		for i, k := range ks {
+			ks := k.String()
+			if get[i] {
+				getCmds[i] = p.Get(ctx, c.l2.prefix+ks)
+			}
+			entityCmds[i] = eval(ctx, p, registerScript, []string{c.l2.entityMeta(k.Entity(), k.ID()), c.l2.entityGen(k.Entity(), k.ID())},
+				newGeneration(), metaMs, ks[len(ks)-16:], bump, ttl.Milliseconds())
+			for j, t := range tags {
+				tagCmds[i*len(tags)+j] = eval(ctx, p, registerScript, []string{c.l2.tagMeta(t)}, newGeneration(), metaMs, ks, "0", ttl.Milliseconds())
+			}
 		}
-		entityCmd = eval(ctx, p, registerScript, []string{c.l2.entityMeta(k.Entity(), k.ID()), c.l2.entityGen(k.Entity(), k.ID())},
-			newGeneration(), metaMs, ks[len(ks)-16:], bump, ttl.Milliseconds())
-		for i, t := range tags {
-			tagCmds[i] = eval(ctx, p, registerScript, []string{c.l2.tagMeta(t)}, newGeneration(), metaMs, ks, "0", ttl.Milliseconds())
+	})
+	if !ran {
+		return nil, err
+	}
+	epoch, err := epochCmd.Result()
+	if err != nil && !errors.Is(err, redis.Nil) {
+		return nil, err
+	}
+	rs := make([]registered, len(ks))
+	for i := range ks {
+		r := &rs[i]
+		r.reg.epoch = epoch
+		if r.reg.st.entityGen, r.reg.d, r.err = metaReply(entityCmds[i]); r.err != nil {
+			continue
 		}
-	}); err != nil {
-		return reg, nil, err
-	}
-	if reg.st.entityGen, reg.d, err = metaReply(entityCmd); err != nil {
-		return reg, nil, err
-	}
-	for i, cmd := range tagCmds {
-		g, _, err := metaReply(cmd)
-		if err != nil {
-			return reg, nil, err
+		for j, cmd := range tagCmds[i*len(tags) : (i+1)*len(tags)] {
+			g, _, err := metaReply(cmd)
+			if err != nil {
+				r.err = err
+				break
+			}
+			r.reg.st.tags = append(r.reg.st.tags, tagGen{tags[j], g})
 		}
-		reg.st.tags = append(reg.st.tags, tagGen{tags[i], g})
-	}
-	if reg.epoch, err = epochCmd.Result(); err != nil && !errors.Is(err, redis.Nil) {
-		return reg, nil, err
-	}
-	if get {
-		if data, err = getCmd.Bytes(); err != nil && !errors.Is(err, redis.Nil) {
-			return reg, nil, err
+		if r.err == nil && getCmds[i] != nil {
+			if r.data, r.err = getCmds[i].Bytes(); errors.Is(r.err, redis.Nil) {
+				r.data, r.err = nil, nil
+			}
 		}
 	}
-	return reg, data, nil
+	return rs, nil
 }
 
-// writeVerified writes a loaded value and then checks that no Delete, Set or InvalidatePattern
-// moved the epochs it registered under while it loaded; if one did, it removes its write (only if
-// it is still there), tells the other instances, which may have read it meanwhile, and reports
-// false. Invalidations by entity or tag need no check: they move a generation, and the value's
-// stamp then reads as stale. A write that may have landed but could not be checked (its reply or
-// the check timed out) is taken back the same way: only a reply from Redis proves it did not land.
-func (c *Cache[V]) writeVerified(ctx context.Context, k Key, rkey string, data []byte, ttl time.Duration, absent bool, reg registration) bool {
-	args := []any{"set", rkey, data, "px", ttl.Milliseconds()}
-	if absent {
-		args = append(args, "nx") // never over a value someone stored while this one loaded
+// l2write is one loaded value for writeVerified to store.
+type l2write struct {
+	k      Key
+	data   []byte
+	ttl    time.Duration // the Redis TTL
+	absent bool          // the key was absent when its load began: write only if it still is
+	reg    registration  // what the load registered under before it began
+}
+
+// writeVerified writes loaded values and then checks that no Delete, Set or InvalidatePattern
+// moved the epochs each registered under while it loaded; a write whose epochs moved is removed
+// (only if it is still there), the other instances, which may have read it meanwhile, are told,
+// and kept[i] is false. Invalidations by entity or tag need no check: they move a generation, and
+// the value's stamp then reads as stale. A write that may have landed but could not be checked (its
+// reply or the check timed out) is taken back the same way: only a reply from Redis proves it did
+// not land. Every write and check goes in one pipeline (two on a Cluster, where the writes must be
+// done before the checks start).
+func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool) {
+	kept = make([]bool, len(ws))
+	rkeys := make([]string, len(ws))
+	sets := make([]*redis.StatusCmd, len(ws))
+	ds := make([]*redis.StringCmd, len(ws))
+	for i, w := range ws {
+		rkeys[i] = c.l2.key(w.k)
+		args := []any{"set", rkeys[i], w.data, "px", w.ttl.Milliseconds()}
+		if w.absent {
+			args = append(args, "nx") // never over a value someone stored while this one loaded
+		}
+		sets[i], ds[i] = redis.NewStatusCmd(ctx, args...), new(redis.StringCmd)
 	}
-	set := redis.NewStatusCmd(ctx, args...)
-	d, epoch := new(redis.StringCmd), new(redis.StringCmd)
+	epoch := new(redis.StringCmd)
 	sent := false
 	_ = c.l2.ordered(ctx, // l2.ordered applies the L2Timeout budget; replies are read per command
-		func(p redis.Pipeliner) { sent = true; _ = p.Process(ctx, set) },
 		func(p redis.Pipeliner) {
-			d = p.HGet(ctx, c.l2.entityMeta(k.Entity(), k.ID()), "d")
+			sent = true
+			for _, set := range sets {
+				_ = p.Process(ctx, set)
+			}
+		},
+		func(p redis.Pipeliner) {
+			for i, w := range ws {
+				ds[i] = p.HGet(ctx, c.l2.entityMeta(w.k.Entity(), w.k.ID()), "d")
+			}
 			epoch = p.Get(ctx, c.l2.epochKey())
 		})
-	setErr := set.Err()
-	if sent {
-		c.l2.debugSet(ctx, rkey, ttl, setErr)
+	epochNow, epochErr := epoch.Result()
+	if errors.Is(epochErr, redis.Nil) {
+		epochErr = nil
 	}
-	if !sent || isReply(setErr) {
-		// Not written: the breaker skipped it, NX found the key taken, or Redis refused (OOM).
-		if setErr != nil && !errors.Is(setErr, redis.Nil) {
-			c.countL2Error(setErr)
-			c.logError(ctx, "L2 write", k.String(), setErr)
+	var back []int
+	var checkErr error
+	for i, w := range ws {
+		setErr := sets[i].Err()
+		if sent {
+			c.l2.debugSet(ctx, rkeys[i], w.ttl, setErr)
 		}
-		return true
+		if !sent || isReply(setErr) {
+			// Not written: the breaker skipped it, NX found the key taken, or Redis refused (OOM).
+			if setErr != nil && !errors.Is(setErr, redis.Nil) {
+				c.countL2Error(setErr)
+				c.logError(ctx, "L2 write", w.k.String(), setErr)
+			}
+			kept[i] = true
+			continue
+		}
+		dNow, err := ds[i].Uint64()
+		if setErr == nil && err == nil && epochErr == nil && dNow == w.reg.d && epochNow == w.reg.epoch {
+			kept[i] = true
+			continue
+		}
+		if err = errors.Join(setErr, err, epochErr); err != nil {
+			checkErr = err
+		} else {
+			c.stats.loadsSuperseded.Add(1)
+		}
+		back = append(back, i)
 	}
-	dNow, err := d.Uint64()
-	epochNow, err2 := epoch.Result()
-	if errors.Is(err2, redis.Nil) {
-		err2 = nil
+	if checkErr != nil {
+		c.countL2Error(checkErr) // one failed round trip, however many writes it carried
 	}
-	if setErr == nil && err == nil && err2 == nil && dNow == reg.d && epochNow == reg.epoch {
-		return true
+	if len(back) == 0 {
+		return kept
 	}
-	if err = errors.Join(setErr, err, err2); err != nil {
-		c.countL2Error(err)
-	} else {
-		c.stats.loadsSuperseded.Add(1)
+	// Moved, or unknown: the writes may be stale, so take them back, and make sure no instance
+	// keeps a copy it read in between.
+	items := make([]string, len(back))
+	for j, i := range back {
+		c.delUnreadable(ctx, rkeys[i], ws[i].data)
+		items[j] = ws[i].k.s
 	}
-	// Moved, or unknown: the write may be stale, so take it back, and make sure no instance keeps
-	// a copy it read in between.
-	c.delUnreadable(ctx, rkey, data)
-	c.send(ctx, busKeys, []string{k.s})
-	return false
+	c.send(ctx, busKeys, items)
+	return kept
 }
 
 // callLoad runs load, turning a panic into an error so that one bad load cannot crash the service
 // or leave the flight's waiters blocked. Under a deadline (LoadTimeout) it returns when the deadline
 // passes even if load ignores its context; the load's goroutine then finishes on its own, and Close
-// waits for it.
-func (c *Cache[V]) callLoad(ctx context.Context, load func(context.Context) (V, error)) (v V, err error) {
-	call := func() (v V, err error) {
+// waits for it (wg is the flight group's, which the calling flight holds open).
+func callLoad[T any](ctx context.Context, wg *sync.WaitGroup, load func(context.Context) (T, error)) (v T, err error) {
+	call := func() (v T, err error) {
 		defer func() {
 			if r := recover(); r != nil {
 				err = fmt.Errorf("load panicked: %v", r)
@@ -337,13 +444,13 @@ func (c *Cache[V]) callLoad(ctx context.Context, load func(context.Context) (V, 
 		return call()
 	}
 	type result struct {
-		v   V
+		v   T
 		err error
 	}
 	done := make(chan result, 1)
-	c.flights.wg.Add(1) // the calling flight holds the group open, so this cannot race close's Wait
+	wg.Add(1) // the calling flight holds the group open, so this cannot race close's Wait
 	go func() {
-		defer c.flights.wg.Done()
+		defer wg.Done()
 		v, err := call()
 		done <- result{v, err}
 	}()
