@@ -124,6 +124,8 @@ type Interface[V any] interface {
 	Get(ctx context.Context, k Key) (V, error)
 	Set(ctx context.Context, k Key, v V, opts ...SetOption) error
 	GetOrLoad(ctx context.Context, k Key, load func(context.Context) (V, error), opts ...SetOption) (V, error)
+	GetMany(ctx context.Context, ks []Key) (vals []V, found []bool, err error)
+	GetOrLoadMany(ctx context.Context, ks []Key, load func(ctx context.Context, missing []Key) (map[Key]V, error), opts ...SetOption) (vals []V, found []bool, err error)
 	Delete(ctx context.Context, ks ...Key) error
 	InvalidateEntity(ctx context.Context, entity, id string) error
 	InvalidateTags(ctx context.Context, tags ...string) error

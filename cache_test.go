@@ -844,6 +844,32 @@ func (f *fakeCache[V]) GetOrLoad(ctx context.Context, k Key, load func(context.C
 	}
 	return v, err
 }
+func (f *fakeCache[V]) GetMany(ctx context.Context, ks []Key) ([]V, []bool, error) {
+	vals, found := make([]V, len(ks)), make([]bool, len(ks))
+	for i, k := range ks {
+		vals[i], found[i] = f.m[k]
+	}
+	return vals, found, nil
+}
+func (f *fakeCache[V]) GetOrLoadMany(ctx context.Context, ks []Key, load func(context.Context, []Key) (map[Key]V, error), _ ...SetOption) ([]V, []bool, error) {
+	vals, found, _ := f.GetMany(ctx, ks)
+	var missing []Key
+	for i, k := range ks {
+		if !found[i] {
+			missing = append(missing, k)
+		}
+	}
+	if len(missing) == 0 {
+		return vals, found, nil
+	}
+	got, err := load(ctx, missing)
+	for i, k := range ks {
+		if v, ok := got[k]; ok && !found[i] {
+			f.m[k], vals[i], found[i] = v, v, true
+		}
+	}
+	return vals, found, err
+}
 func (f *fakeCache[V]) Delete(_ context.Context, ks ...Key) error {
 	for _, k := range ks {
 		delete(f.m, k)

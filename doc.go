@@ -19,7 +19,9 @@
 // then in Redis, and only then calls the loader. A Redis hit fills L1; a loaded value is stored in
 // both levels, each with its TTL: L1 for the shorter of Options.L1TTL and the value's TTL, Redis for
 // the value's TTL, written in the same command as the value (SET key value PX ms). [Cache.Get] is
-// the same without the loader and without the flight.
+// the same without the loader and without the flight. [Cache.GetMany] and [Cache.GetOrLoadMany]
+// do the same for many keys at once: one Redis round trip for all of L1's misses, and one loader
+// call for the keys that neither level has and no flight is already loading.
 //
 // A loader that returns an error wrapping [ErrNotFound] makes the cache remember the absence for
 // Options.NegativeTTL in both levels, so a missing image does not send every request, on every

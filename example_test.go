@@ -104,6 +104,67 @@ func ExampleCache_GetOrLoad_notFound() {
 	// loads: 1
 }
 
+// Load a page of album covers with one query for whatever the cache lacks: the second view of the
+// page costs no query, and an album the query did not find is remembered as not found.
+func ExampleCache_GetOrLoadMany() {
+	mr, _ := miniredis.Run()
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
+	defer rdb.Close()
+	covers, err := imgcache.New[imgcache.ImageMeta](imgcache.Options{Redis: rdb, Namespace: "img"})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer covers.Close()
+
+	// coversByID stands for one database query for many albums (WHERE id IN (...)).
+	coversByID := func(_ context.Context, ks []imgcache.Key) (map[imgcache.Key]imgcache.ImageMeta, error) {
+		ids := make([]string, len(ks))
+		found := make(map[imgcache.Key]imgcache.ImageMeta)
+		for i, k := range ks {
+			ids[i] = k.ID()
+			if k.ID() != "404" {
+				found[k] = imgcache.ImageMeta{Path: "/srv/images/albums/" + k.ID() + "/cover.webp", MIMEType: "image/webp"}
+			}
+		}
+		fmt.Println("query:", strings.Join(ids, ","))
+		return found, nil
+	}
+	var page []imgcache.Key
+	for _, id := range []string{"7", "8", "404", "9"} {
+		page = append(page, imgcache.NewKey("album", id).With("type", "cover"))
+	}
+	ctx := context.Background()
+	for range 2 {
+		vals, found, err := covers.GetOrLoadMany(ctx, page, coversByID)
+		if err != nil {
+			fmt.Println(err)
+			return
+		}
+		for i, k := range page {
+			if found[i] {
+				fmt.Println(k.ID(), vals[i].Path)
+			} else {
+				fmt.Println(k.ID(), "not found")
+			}
+		}
+	}
+	s := covers.Stats()
+	fmt.Printf("loads=%d misses=%d l1 hits=%d\n", s.Loads, s.Misses, s.L1Hits)
+	// Output:
+	// query: 7,8,404,9
+	// 7 /srv/images/albums/7/cover.webp
+	// 8 /srv/images/albums/8/cover.webp
+	// 404 not found
+	// 9 /srv/images/albums/9/cover.webp
+	// 7 /srv/images/albums/7/cover.webp
+	// 8 /srv/images/albums/8/cover.webp
+	// 404 not found
+	// 9 /srv/images/albums/9/cover.webp
+	// loads=1 misses=4 l1 hits=4
+}
+
 // Per-call TTLs are time.Durations: 1500*time.Millisecond is 1.5 s in Redis, never 1500 s.
 func ExampleWithTTL() {
 	mr, _ := miniredis.Run()

@@ -67,6 +67,38 @@ func (g *flightGroup[V]) doMaybeInline(k Key, start func(*flight[V]), inline boo
 	return f, false, nil
 }
 
+// claim is do for a batch of distinct keys: for each it returns the flight running for it
+// (joined[i]) or a new one, which the caller runs, publishes and releases. If it made any, the group
+// counts the caller as one running flight until it calls g.wg.Done, so close waits for it. It
+// returns ErrClosed once close has been called.
+func (g *flightGroup[V]) claim(ks []Key) (fs []*flight[V], joined []bool, err error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.closed {
+		return nil, nil, ErrClosed
+	}
+	fs, joined = make([]*flight[V], len(ks)), make([]bool, len(ks))
+	started := false
+	for i, k := range ks {
+		if f, ok := g.m[k]; ok && !g.outdatedLocked(k, f) {
+			fs[i], joined[i] = f, true
+			continue
+		}
+		if g.m == nil {
+			g.m = make(map[Key]*flight[V])
+		}
+		f := &flight[V]{done: make(chan struct{})}
+		if g.seq != nil {
+			f.seq = g.seq(k)
+		}
+		g.m[k], fs[i], started = f, f, true
+	}
+	if started {
+		g.wg.Add(1)
+	}
+	return fs, joined, nil
+}
+
 // outdatedLocked reports whether f began before an invalidation of k that ran since: its result
 // may predate that invalidation, so a caller who comes after it must not get it.
 func (g *flightGroup[V]) outdatedLocked(k Key, f *flight[V]) bool {

@@ -1,0 +1,320 @@
+package imgcache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// The Redis side of a batch read: the plan (every Redis key in one buffer, each entity's generation
+// key once), one MGET or pipeline, and the checks readL2 makes, with one read of the tags'
+// generations for all the values that carry tags.
+
+// readL2Many is readL2 for many distinct keys: it reads the values and their entities' generations
+// in one round trip (and, if any value carries tags, all their tags' generations in one more),
+// checks each value's stamp, fills L1 with the fresh ones, each under the invalidation sequence its
+// key had before the read, and calls hit(i, e) for each fresh value e of keys[i]; e is valid only
+// during the call. With StaleTTL, values past their TTL are returned in stale, for a load's
+// fail-safe. Failures are misses.
+func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32, e *l1entry[V])) (stale []*l1entry[V]) {
+	if c.staleTTL > 0 {
+		stale = make([]*l1entry[V], len(keys))
+	}
+	if c.l2 == nil {
+		return stale
+	}
+	r := c.newL2Read(keys)
+	if len(r.rd) == 0 {
+		return stale
+	}
+	res, err := c.mget(ctx, r.args)
+	if err != nil {
+		c.countL2Error(err) // one failed round trip, however many keys it carried
+	}
+	if res == nil {
+		for j := range r.rd {
+			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
+		}
+		return stale
+	}
+	gens := make([]genValue, len(r.rkeys)-len(r.rd))
+	for x := range gens {
+		gens[x] = parseGen(res[len(r.rd)+x])
+	}
+	// One clock reading for the batch: its values were read at one moment.
+	now, nowMs := preciseNow(), time.Now().UnixMilli()
+	// Without L1 or StaleTTL nothing keeps an entry past hit (a pending one waits in pending): one
+	// will do for all of them.
+	var reuse *l1entry[V]
+	if c.l1 == nil && stale == nil {
+		reuse = new(l1entry[V])
+	}
+
+	// Values whose stamps name tags wait in pending for one read of all those tags' generations.
+	type pendingValue struct {
+		j    int
+		e    *l1entry[V]
+		env  envelope
+		data []byte
+	}
+	var pending []pendingValue
+	var tags, missing []string
+	var drop []int // values to delete from Redis (if unchanged): unreadable or stale
+	var dropData [][]byte
+	miss := func(j int, data []byte) {
+		c.guard.record(ctx, false)
+		c.l2.debug(ctx, "GET", r.rkeys[j], "MISS")
+		if data != nil {
+			drop, dropData = append(drop, j), append(dropData, data)
+		}
+	}
+	fill := func(j int, e *l1entry[V]) {
+		if r.seqs != nil { // L1 is on
+			c.fillL1(keys[r.rd[j]], e, r.seqs[j])
+		}
+	}
+	finish := func(j int, e *l1entry[V], env envelope, data []byte) {
+		i := r.rd[j]
+		c.finishEntry(e, env, data, now, nowMs)
+		fresh := e.exp > now
+		c.guard.record(ctx, fresh)
+		if !fresh {
+			c.l2.debug(ctx, "GET", r.rkeys[j], "MISS")
+			if stale != nil {
+				fill(j, e) // kept for a GetOrLoad's fail-safe; Get does not serve it
+				stale[i] = e
+			}
+			return
+		}
+		c.l2.debug(ctx, "GET", r.rkeys[j], "HIT")
+		fill(j, e)
+		hit(i, e)
+	}
+	for j, i := range r.rd {
+		var s string
+		switch v := res[j].(type) {
+		case nil:
+			miss(j, nil)
+			continue
+		case string:
+			s = v
+		default: // this key's GET failed (a Cluster node down)
+			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
+			continue
+		}
+		g := gens[r.gen[j]]
+		if g.failed { // unknown generation: the value cannot be checked
+			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
+			continue
+		}
+		data := []byte(s)
+		e := reuse
+		if e == nil {
+			e = new(l1entry[V])
+		} else {
+			*e = l1entry[V]{}
+		}
+		env, err := c.decodeValue(ctx, keys[i], data, e)
+		if err != nil {
+			miss(j, data)
+			continue
+		}
+		var old bool
+		if old, missing = stampStale(env, g.gen, g.ok, nil, nil, missing[:0]); old {
+			c.stats.l2Stale.Add(1)
+			miss(j, data)
+			continue
+		}
+		if len(missing) > 0 { // tags: checked below, with one read for all the values
+			if e == reuse {
+				kept := *e
+				e = &kept
+			}
+			pending = append(pending, pendingValue{j, e, env, data})
+			for _, t := range missing {
+				if !contains(tags, t) {
+					tags = append(tags, t)
+				}
+			}
+			continue
+		}
+		finish(j, e, env, data)
+	}
+	if len(pending) > 0 {
+		cur, err := c.tagGenerations(ctx, tags)
+		if err != nil {
+			c.countL2Error(err)
+		}
+		for _, p := range pending {
+			if err != nil {
+				miss(p.j, nil)
+				continue
+			}
+			g := gens[r.gen[p.j]]
+			old, left := stampStale(p.env, g.gen, g.ok, cur, nil, missing[:0])
+			if old || len(left) > 0 { // a moved generation, or a missing meta hash
+				c.stats.l2Stale.Add(1)
+				miss(p.j, p.data)
+				continue
+			}
+			finish(p.j, p.e, p.env, p.data)
+		}
+	}
+	if len(drop) > 0 {
+		err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+			for x, j := range drop {
+				eval(ctx, p, delIfUnchanged, []string{r.rkeys[j]}, dropData[x])
+			}
+		})
+		if err != nil {
+			c.countL2Error(err)
+		}
+	}
+	return stale
+}
+
+// l2Read is one batch read's plan: MGET args ("mget", then the Redis keys rkeys), which are the
+// values of keys[rd[j]] for j < len(rd), then their entities' generation keys, each once; gen[j]
+// is the index of value j's generation key after the values, and seqs[j] (with L1 on) its key's
+// invalidation sequence, read before the read (see fillL1).
+type l2Read struct {
+	rd    []int32
+	gen   []int32
+	seqs  []uint64
+	rkeys []string
+	args  []any
+}
+
+// newL2Read plans the read of keys. Every Redis key is written into one buffer and cut from it.
+func (c *Cache[V]) newL2Read(keys []Key) l2Read {
+	var r l2Read
+	r.rd = make([]int32, 0, len(keys))
+	if c.l1 != nil {
+		r.seqs = make([]uint64, 0, len(keys))
+	}
+	// Each entity's generation key once: gens[x] is the index in keys of the first key of the x-th
+	// entity.
+	r.gen = make([]int32, 0, len(keys))
+	gens := make([]int32, 0, len(keys))
+	t := newHashIndex(len(keys))
+	size := 0 // without escapes; the buffer grows if there are any
+	for i, k := range keys {
+		if c.guard.skipRead() { // the hit-rate guard skips the key as it would skip its Get
+			continue
+		}
+		r.rd = append(r.rd, int32(i))
+		if r.seqs != nil { // fillL1 needs it
+			r.seqs = append(r.seqs, c.inv.of(k))
+		}
+		head, _ := k.split()
+		x := t.slot(xxhash.Sum64String(head), func(x int32) bool { h, _ := keys[gens[x]].split(); return h == head })
+		if *x == 0 {
+			gens = append(gens, int32(i))
+			*x = int32(len(gens))
+			size += len(c.l2.prefix) + len(head) + len("%g:{}")
+		}
+		r.gen = append(r.gen, *x-1)
+		size += len(c.l2.prefix) + len(head) + len(":0123456789abcdef")
+	}
+	if len(r.rd) == 0 {
+		return r
+	}
+	var b strings.Builder // its String does not copy the buffer
+	b.Grow(size)
+	var scratch [256]byte
+	ends := make([]int, 0, len(r.rd)+len(gens))
+	for _, i := range r.rd {
+		b.WriteString(c.l2.prefix)
+		b.Write(keys[i].appendString(scratch[:0]))
+		ends = append(ends, b.Len())
+	}
+	for _, i := range gens {
+		b.Write(c.l2.appendEntityGen(scratch[:0], keys[i].Entity(), keys[i].ID()))
+		ends = append(ends, b.Len())
+	}
+	all := b.String()
+	r.rkeys = make([]string, len(ends))
+	r.args = make([]any, 1+len(ends))
+	r.args[0] = "mget"
+	start := 0
+	for x, end := range ends {
+		r.rkeys[x] = all[start:end]
+		r.args[1+x] = r.rkeys[x]
+		start = end
+	}
+	return r
+}
+
+func contains(ss []string, s string) bool {
+	for _, x := range ss {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// genValue is an entity's generation as read with a batch: ok is false when the generation key is
+// missing (every value of the entity then reads as invalid); failed when it could not be read.
+type genValue struct {
+	gen        uint64
+	ok, failed bool
+}
+
+func parseGen(reply any) genValue {
+	switch v := reply.(type) {
+	case nil:
+		return genValue{}
+	case string:
+		g, err := strconv.ParseUint(v, 10, 64)
+		return genValue{gen: g, ok: err == nil, failed: err != nil}
+	}
+	return genValue{failed: true}
+}
+
+// mget reads the keys args[1:] in one round trip: one MGET (args[0] is "mget") on a single Redis,
+// a pipeline of GETs otherwise (a Cluster's keys are in many slots; go-redis splits the pipeline
+// by node). Each reply is a string, nil for a missing key, or, in a pipeline, the error of that
+// key's GET. res is nil when nothing could be read.
+func (c *Cache[V]) mget(ctx context.Context, args []any) (res []any, err error) {
+	if single, ok := c.l2.rdb.(*redis.Client); ok {
+		err = c.l2.call(ctx, func(ctx context.Context) error {
+			cmd := redis.NewSliceCmd(ctx, args...)
+			_ = single.Process(ctx, cmd)
+			res = cmd.Val()
+			return cmd.Err()
+		})
+		if err == nil && len(res) != len(args)-1 {
+			err = fmt.Errorf("MGET of %d keys returned %d values", len(args)-1, len(res))
+		}
+		if err != nil {
+			return nil, err
+		}
+		return res, nil
+	}
+	cmds := make([]*redis.StringCmd, len(args)-1)
+	err = c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+		for j, k := range args[1:] {
+			cmds[j] = p.Get(ctx, k.(string))
+		}
+	})
+	if cmds[0] == nil { // not sent: the breaker is open, or ctx has ended
+		return nil, err
+	}
+	res = make([]any, len(cmds))
+	for j, cmd := range cmds {
+		switch s, e := cmd.Result(); {
+		case e == nil:
+			res[j] = s
+		case !errors.Is(e, redis.Nil):
+			res[j] = e
+		}
+	}
+	return res, err
+}
