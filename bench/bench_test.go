@@ -369,6 +369,77 @@ func BenchmarkL2Hit(b *testing.B) {
 	}
 }
 
+// batchSize is how many keys one batched read asks for.
+const batchSize = 100
+
+// BenchmarkGetMany: a batch of 100 keys, all in Redis and none in L1 (imgcache with L1Size -1), read
+// by imgcache's GetMany and, for the floor, by one go-redis MGET of the same values and a decode of
+// each. go-redis/cache has no batch read. ns/key is the time per key.
+func BenchmarkGetMany(b *testing.B) {
+	rdb := redisClient(b)
+	ks := hitSet()
+	ctx := context.Background()
+	ic := newImgcache(b, rdb, -1)
+	pipe := rdb.Pipeline()
+	for i, k := range ks.Keys {
+		if err := ic.Set(ctx, k, ks.Metas[i]); err != nil {
+			b.Fatal(err)
+		}
+		data, _ := ks.Metas[i].MarshalBinary()
+		pipe.Set(ctx, rawKey(ks.Strs[i]), data, time.Hour)
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		b.Fatal(err)
+	}
+	batches := len(ks.Keys) / batchSize
+	raw := make([][]string, batches)
+	for j := range raw {
+		for i := j * batchSize; i < (j+1)*batchSize; i++ {
+			raw[j] = append(raw[j], rawKey(ks.Strs[i]))
+		}
+	}
+	peers := []peer{
+		{"imgcache-GetMany", func(j int) bool {
+			j %= batches
+			_, found, err := ic.GetMany(ctx, ks.Keys[j*batchSize:(j+1)*batchSize])
+			if err != nil {
+				return false
+			}
+			for _, f := range found {
+				if !f {
+					return false
+				}
+			}
+			return true
+		}},
+		{"go-redis-MGET+decode", func(j int) bool {
+			vals, err := rdb.MGet(ctx, raw[j%batches]...).Result()
+			if err != nil {
+				return false
+			}
+			for _, v := range vals {
+				s, ok := v.(string)
+				var m meta
+				if !ok || m.UnmarshalBinary([]byte(s)) != nil {
+					return false
+				}
+			}
+			return true
+		}},
+	}
+	for _, g := range goroutineCounts(1, 64) {
+		for _, p := range peers {
+			b.Run(fmt.Sprintf("g=%d/%s", g, p.name), func(b *testing.B) {
+				countCommands(b, rdb, func() { drive(b, g, p.get) })
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*batchSize), "ns/key")
+			})
+		}
+	}
+	if n := ic.Stats().L2Errors; n > 0 {
+		b.Errorf("imgcache counted %d Redis errors", n)
+	}
+}
+
 // BenchmarkGetOrLoadHit: GetOrLoad (go-redis/cache: Once) of a key that is cached. "l1" rows hit
 // the local level; "l2" rows have none (imgcache L1Size -1, go-redis/cache without LocalCache) and
 // hit Redis.
