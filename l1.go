@@ -39,8 +39,18 @@ type l1shard[V any] struct {
 	w         *wtinylfu[V]                        // PolicyTinyLFU; lru is nil then
 	hits      uint64
 	evictions uint64
-	_         [64 - 8 - 4*8]byte // a cache line per shard (the array is 64-byte aligned in practice)
+	moves     uint64             // PolicyLRU: entries moved to the front so far (adds and promotions)
+	lazy      uint64             // PolicyLRU: an entry fewer than this many moves from the front is not moved
+	_         [64 - 8 - 6*8]byte // a cache line per shard (the array is 64-byte aligned in practice)
 }
+
+// Lazy promotion: an LRU hit moves its entry to the front only if at least a quarter of the
+// shard's capacity has been moved in front of it since it was last moved; an entry nearer the
+// front cannot be evicted before it would be, and skipping the move spares a hit the writes to
+// the list's links, which live in cache lines that other shards' entries share (golang-lru
+// allocates list elements as entries arrive, so neighbours in memory belong to any shard). With a
+// few entries per shard the quarter is zero and the LRU is exact.
+const lazyFraction = 4
 
 // Policy chooses what L1 keeps when it is full.
 type Policy int
@@ -74,6 +84,7 @@ type l1entry[V any] struct {
 	failures    uint8    // consecutive failed loads behind a fail-safe entry, for its backoff
 	tags        []string // for InvalidateTags
 	key         Key      // set when added: the policy is keyed by the hash, and lookups check the key
+	moved       uint64   // the shard's (or protected segment's) move count when last moved to the front; under the shard lock
 }
 
 // autoTinyLFU is the smallest L1 for which PolicyAuto picks PolicyTinyLFU.
@@ -104,6 +115,7 @@ func newL1[V any](size int, policy Policy) *l1[V] {
 			panic(err)
 		}
 		l.shards[i].lru = c
+		l.shards[i].lazy = uint64(per / lazyFraction)
 	}
 	return l
 }
@@ -126,7 +138,11 @@ func (l *l1[V]) lookup(k Key, recheck bool) (*l1entry[V], bool) {
 	var ok bool
 	switch {
 	case s.w == nil:
-		e, ok = s.lru.Get(k.h)
+		if e, ok = s.lru.Peek(k.h); ok && s.moves-e.moved >= s.lazy {
+			s.lru.Get(k.h)
+			s.moves++
+			e.moved = s.moves
+		}
 	case recheck: // the same caller looking again: not another access
 		e, ok = s.w.peek(k.h)
 	default:
@@ -195,8 +211,12 @@ func (s *l1shard[V]) addLocked(k Key, e *l1entry[V], _ bool) bool {
 	e.key = k
 	if s.w != nil {
 		s.evictions += uint64(s.w.add(k.h, e))
-	} else if s.lru.Add(k.h, e) {
-		s.evictions++
+	} else {
+		if s.lru.Add(k.h, e) {
+			s.evictions++
+		}
+		s.moves++
+		e.moved = s.moves
 	}
 	return true
 }
