@@ -14,8 +14,8 @@ type wtinylfu[V any] struct {
 	window, probation, protected *simplelru.LRU[uint64, *l1entry[V]]
 	windowCap, mainCap, protCap  int
 	freq                         *sketch
-	hits                         uint64 // protected hits, for the sampling in get
-	moves, lazy                  uint64 // lazy promotion in the protected segment: see l1.go
+	hits                         uint64   // protected hits, for the sampling in get
+	moves, lazy                  uint64   // lazy promotion in the protected segment: see l1.go
 	_                            [48]byte // 128 bytes: no two shards' counters share a cache line
 }
 
