@@ -216,7 +216,7 @@ func (c *Cache[V]) failSafe(k Key, stale *l1entry[V], v V, err error, seq uint64
 	if c.l1 != nil {
 		now := preciseNow()
 		if stale.staleUntil > now {
-			e := *stale
+			e := c.l1.snapshot(k, stale)
 			e.failures = min(stale.failures+1, 16)
 			backoff := min(failSafeBackoff<<(e.failures-1), failSafeMaxBackoff)
 			e.exp = min(now+int64(backoff), e.staleUntil)
@@ -236,7 +236,7 @@ func (c *Cache[V]) postponeRefresh(k Key, current *l1entry[V], seq uint64) {
 	if c.l1 == nil {
 		return
 	}
-	e := *current
+	e := c.l1.snapshot(k, current)
 	e.refreshFrom = preciseNow() + int64(failSafeBackoff)
 	c.l1.addIf(k, &e, &c.inv, seq, false)
 }

@@ -181,6 +181,15 @@ func (l *l1[V]) peekStale(k Key) *l1entry[V] {
 	return e
 }
 
+// snapshot returns a copy of e, k's entry (or one that was), taken under k's shard lock: hits
+// update e.moved under that lock, so a copy taken without it would race them.
+func (l *l1[V]) snapshot(k Key, e *l1entry[V]) l1entry[V] {
+	s := l.shard(k)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return *e
+}
+
 // add stores e, admission filter or not: the caller's own Set and the fail-safe's backoff use it.
 func (l *l1[V]) add(k Key, e *l1entry[V]) {
 	s := l.shard(k)
