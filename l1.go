@@ -35,7 +35,7 @@ const (
 
 type l1shard[V any] struct {
 	mu        sync.Mutex                          // protects everything below
-	lru       *simplelru.LRU[uint64, *l1entry[V]] // PolicyLRU; entries are never modified once added
+	lru       *simplelru.LRU[uint64, *l1entry[V]] // PolicyLRU; entries change only in moved, under mu
 	w         *wtinylfu[V]                        // PolicyTinyLFU; lru is nil then
 	hits      uint64
 	evictions uint64
@@ -138,7 +138,7 @@ func (l *l1[V]) lookup(k Key, recheck bool) (*l1entry[V], bool) {
 	var ok bool
 	switch {
 	case s.w == nil:
-		if e, ok = s.lru.Peek(k.h); ok && s.moves-e.moved >= s.lazy {
+		if e, ok = s.lru.Peek(k.h); ok && !recheck && e.key == k && s.moves-e.moved >= s.lazy {
 			s.lru.Get(k.h)
 			s.moves++
 			e.moved = s.moves
