@@ -39,8 +39,7 @@ type l1shard[V any] struct {
 	w         *wtinylfu[V]                        // PolicyTinyLFU; lru is nil then
 	hits      uint64
 	evictions uint64
-	moves     uint64             // PolicyLRU: entries moved to the front so far (adds and promotions)
-	lazy      uint64             // PolicyLRU: an entry fewer than this many moves from the front is not moved
+	front     mover              // PolicyLRU: lazy promotion
 	_         [64 - 8 - 6*8]byte // a cache line per shard (the array is 64-byte aligned in practice)
 }
 
@@ -51,6 +50,24 @@ type l1shard[V any] struct {
 // allocates list elements as entries arrive, so neighbours in memory belong to any shard). With a
 // few entries per shard the quarter is zero and the LRU is exact.
 const lazyFraction = 4
+
+// mover counts the moves to the front of one LRU list (a shard's, or W-TinyLFU's protected
+// segment) for lazy promotion. Its entries' moved fields hold its count at their last move.
+type mover struct {
+	moves uint64 // entries moved to the front so far: adds and promotions
+	lazy  uint64 // an entry fewer than this many moves from the front is not moved
+}
+
+func newMover(capacity int) mover { return mover{lazy: uint64(capacity / lazyFraction)} }
+
+// due reports whether e is far enough from the front to be moved on a hit.
+func (m *mover) due(moved uint64) bool { return m.moves-moved >= m.lazy }
+
+// count records a move to the front and returns the count to store in the entry's moved field.
+func (m *mover) count() uint64 {
+	m.moves++
+	return m.moves
+}
 
 // Policy chooses what L1 keeps when it is full.
 type Policy int
@@ -115,7 +132,7 @@ func newL1[V any](size int, policy Policy) *l1[V] {
 			panic(err)
 		}
 		l.shards[i].lru = c
-		l.shards[i].lazy = uint64(per / lazyFraction)
+		l.shards[i].front = newMover(per)
 	}
 	return l
 }
@@ -138,10 +155,9 @@ func (l *l1[V]) lookup(k Key, recheck bool) (*l1entry[V], bool) {
 	var ok bool
 	switch {
 	case s.w == nil:
-		if e, ok = s.lru.Peek(k.h); ok && !recheck && e.key == k && s.moves-e.moved >= s.lazy {
+		if e, ok = s.lru.Peek(k.h); ok && !recheck && e.key == k && s.front.due(e.moved) {
 			s.lru.Get(k.h)
-			s.moves++
-			e.moved = s.moves
+			e.moved = s.front.count()
 		}
 	case recheck: // the same caller looking again: not another access
 		e, ok = s.w.peek(k.h)
@@ -213,9 +229,8 @@ func (l *l1[V]) addIf(k Key, e *l1entry[V], inv *invalidations, want uint64, adm
 	return s.addLocked(k, e, admit)
 }
 
-// addLocked adds e. Under
-// PolicyTinyLFU a new entry enters the window, where admission to the main area is decided later, so
-// admit does not matter there; it is kept for the call sites' sake.
+// addLocked adds e. Under PolicyTinyLFU a new entry enters the window, where admission to the main
+// area is decided later, so admit does not matter there; it is kept for the call sites' sake.
 func (s *l1shard[V]) addLocked(k Key, e *l1entry[V], _ bool) bool {
 	e.key = k
 	if s.w != nil {
@@ -224,8 +239,7 @@ func (s *l1shard[V]) addLocked(k Key, e *l1entry[V], _ bool) bool {
 		if s.lru.Add(k.h, e) {
 			s.evictions++
 		}
-		s.moves++
-		e.moved = s.moves
+		e.moved = s.front.count()
 	}
 	return true
 }
@@ -242,16 +256,19 @@ func (s *l1shard[V]) removeLocked(k Key) bool {
 }
 
 // peekLocked returns k's entry, if the slot of k's hash holds k.
-func (s *l1shard[V]) peekLocked(k Key) (e *l1entry[V], ok bool) {
+func (s *l1shard[V]) peekLocked(k Key) (*l1entry[V], bool) {
+	if e, ok := s.peekHash(k.h); ok && e.key == k {
+		return e, true
+	}
+	return nil, false
+}
+
+// peekHash returns the entry in the slot of hash h, whatever its key.
+func (s *l1shard[V]) peekHash(h uint64) (*l1entry[V], bool) {
 	if s.w != nil {
-		e, ok = s.w.peek(k.h)
-	} else {
-		e, ok = s.lru.Peek(k.h)
+		return s.w.peek(h)
 	}
-	if !ok || e.key != k {
-		return nil, false
-	}
-	return e, true
+	return s.lru.Peek(h)
 }
 
 func (s *l1shard[V]) lenLocked() int {
@@ -304,13 +321,7 @@ func (l *l1[V]) removeIf(match func(Key, *l1entry[V]) bool) int {
 			hashes = s.lru.Keys()
 		}
 		for _, h := range hashes {
-			var e *l1entry[V]
-			if s.w != nil {
-				e, _ = s.w.peek(h)
-			} else {
-				e, _ = s.lru.Peek(h)
-			}
-			if e != nil && match(e.key, e) && s.removeLocked(e.key) {
+			if e, ok := s.peekHash(h); ok && match(e.key, e) && s.removeLocked(e.key) {
 				n++
 			}
 		}

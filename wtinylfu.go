@@ -15,7 +15,7 @@ type wtinylfu[V any] struct {
 	windowCap, mainCap, protCap  int
 	freq                         *sketch
 	rng                          uint64   // for the sampling of protected hits in get
-	moves, lazy                  uint64   // lazy promotion in the protected segment: see l1.go
+	front                        mover    // lazy promotion in the protected segment: see l1.go
 	_                            [48]byte // 128 bytes: no two shards' counters share a cache line
 }
 
@@ -24,7 +24,7 @@ func newWTinyLFU[V any](size int) *wtinylfu[V] {
 	w.windowCap = max(size/100, 1)
 	w.mainCap = max(size-w.windowCap, 1)
 	w.protCap = w.mainCap * 8 / 10
-	w.lazy = uint64(w.protCap / lazyFraction)
+	w.front = newMover(w.protCap)
 	// The LRUs never evict by themselves: their capacities are past what the policy lets them hold.
 	w.window, _ = simplelru.NewLRU[uint64, *l1entry[V]](w.windowCap+1, nil)
 	w.probation, _ = simplelru.NewLRU[uint64, *l1entry[V]](w.mainCap+1, nil)
@@ -40,10 +40,9 @@ func newWTinyLFU[V any](size int) *wtinylfu[V] {
 // (scans), and a hit at golang-lru's cost instead of 1.37 times it.
 func (w *wtinylfu[V]) get(k uint64) (*l1entry[V], bool) {
 	if e, ok := w.protected.Peek(k); ok { // most entries, and most hits
-		if w.moves-e.moved >= w.lazy { // lazy promotion, as in the LRU shards (l1.go)
+		if w.front.due(e.moved) { // lazy promotion, as in the LRU shards (l1.go)
 			w.protected.Get(k)
-			w.moves++
-			e.moved = w.moves
+			e.moved = w.front.count()
 		}
 		// A pseudo-random sample (a per-shard LCG, deterministic), so that no periodic pattern of
 		// keys can leave one key's hits never counted.
@@ -59,8 +58,7 @@ func (w *wtinylfu[V]) get(k uint64) (*l1entry[V], bool) {
 	if e, ok := w.probation.Peek(k); ok {
 		w.probation.Remove(k)
 		w.protected.Add(k, e)
-		w.moves++
-		e.moved = w.moves
+		e.moved = w.front.count()
 		if w.protected.Len() > w.protCap {
 			if ok2, v, ok3 := w.protected.RemoveOldest(); ok3 {
 				w.probation.Add(ok2, v)
@@ -88,8 +86,7 @@ func (w *wtinylfu[V]) add(k uint64, e *l1entry[V]) (evicted int) {
 		if l.Contains(k) {
 			l.Add(k, e) // to the front of its segment
 			if l == w.protected {
-				w.moves++
-				e.moved = w.moves
+				e.moved = w.front.count()
 			}
 			return 0
 		}
