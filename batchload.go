@@ -96,7 +96,7 @@ func (c *Cache[V]) loadBatch(callerCtx context.Context, keys []Key, fs []*flight
 				c.logError(ctx, "encode", k.String(), err)
 				continue
 			}
-			ws = append(ws, l2write{k, data, c.pxTTL(ttl, e.negative), absent[i], regs[i]})
+			ws = append(ws, l2write{k, data, c.pxTTL(ttl, e.negative), absent[i], regs[i], nil})
 		}
 		c.stamp(e, ttl)
 		c.fillL1(k, e, fs[i].seq)
@@ -128,7 +128,7 @@ func (c *Cache[V]) registerBatch(ctx context.Context, keys []Key, fs []*flight[V
 	for j, i := range todo {
 		ks[j], get[j] = keys[i], !c.guard.skipRead()
 	}
-	rs, err := c.registerMany(ctx, ks, so.tags, c.maxL2TTL(so), false, get)
+	rs, err := c.registerMany(ctx, ks, so.tags, c.maxL2TTL(so), false, get, false)
 	if err != nil {
 		c.countL2Error(err)
 	}

@@ -291,6 +291,7 @@ func New[V any](opts Options) (*Cache[V], error) {
 	c.instance = rand.Uint64()
 	acquireClock()
 	if c.l2 != nil {
+		c.l2.loadScripts(c.base, registerScript, releaseIfUnchangedScript, releaseLeaseScript)
 		c.startBus()
 	}
 	return c, nil
@@ -391,7 +392,7 @@ func (c *Cache[V]) Set(ctx context.Context, k Key, v V, opts ...SetOption) error
 		c.countL2Error(err)
 		return fmt.Errorf("imgcache: set %s: %w", k, err)
 	}
-	reg, _, err := c.register(ctx, k, so.tags, c.pxTTL(ttl, false), true, false)
+	reg, err := c.register(ctx, k, so.tags, c.pxTTL(ttl, false), true)
 	if err != nil {
 		return fail(err)
 	}

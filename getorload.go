@@ -95,55 +95,87 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		}
 	}
 	var reg registration
+	var ls leaseState
 	l2ok, absent := false, false // whether the load's result can be written to Redis; whether k was absent
 	if c.l2 != nil {
 		rkey := c.l2.key(k)
-		read := !c.guard.skipRead()
-		var observed []byte
-		var err error
-		reg, observed, err = c.register(ctx, k, so.tags, c.maxL2TTL(so), false, read)
-		switch {
-		case err != nil && isReply(err) && read:
-			// Redis answered but refused the bookkeeping (OOM at maxmemory with noeviction): it can
-			// still be read, just not written.
-			c.countL2Error(err)
-			if e, ok, _ := c.readL2(ctx, k); ok {
-				publish(c.result(e))
-				return
-			}
-		case err != nil:
-			c.countL2Error(err)
-			c.l2.debug(ctx, "GET", rkey, "ERROR")
-		case observed == nil:
-			l2ok, absent = true, read
-			if read {
-				c.l2.debug(ctx, "GET", rkey, "MISS")
-				c.guard.record(ctx, false)
-			}
-		default:
-			l2ok = true
-			e, err := c.decodeChecked(ctx, k, rkey, observed, reg.st.entityGen, true, reg.st.tags)
+		// tryHit serves a value read from Redis if it is fresh (and, for an early refresh, newer than
+		// the value being refreshed); a stale one is kept for the fail-safe. usable is false when
+		// checking the value's stamp failed on a Redis error.
+		tryHit := func(data []byte, g uint64, gok bool, known []tagGen, record bool) (hit, usable bool) {
+			e, err := c.decodeChecked(ctx, k, rkey, data, g, gok, known)
 			fresh := err == nil && e.exp > preciseNow()
-			c.guard.record(ctx, fresh)
+			if record {
+				c.guard.record(ctx, fresh)
+			}
 			switch {
 			case fresh && (current == nil || e.expMs > current.expMs): // not the value being refreshed
 				c.l2.debug(ctx, "GET", rkey, "HIT")
 				c.stats.l2Hits.Add(1)
 				c.fillL1(k, e, seq)
 				publish(c.result(e))
-				return
+				return true, true
 			case err == nil && stale == nil && !e.negative:
 				stale = e // a stale value in Redis, kept by StaleTTL
-			case errors.Is(err, errL2Call):
-				l2ok = false
 			}
 			c.l2.debug(ctx, "GET", rkey, "MISS")
+			return false, !errors.Is(err, errL2Call)
+		}
+		// First a plain read, as Get's: a hit costs one MGET and no bookkeeping. Only a miss
+		// registers, takes the lease and reads again, in one more round trip: another instance
+		// may have stored the value in between.
+		read := !c.guard.skipRead()
+		usable := true
+		if read {
+			data, g, gok, err := c.readWithGen(ctx, k, rkey)
+			switch {
+			case errors.Is(err, redis.Nil):
+				c.l2.debug(ctx, "GET", rkey, "MISS")
+				c.guard.record(ctx, false)
+			case err != nil:
+				c.countL2Error(err)
+				c.l2.debug(ctx, "GET", rkey, "ERROR")
+				usable = false // Redis is failing: load without it
+			default:
+				var hit bool
+				if hit, usable = tryHit(data, g, gok, nil, true); hit {
+					return
+				}
+			}
+		}
+		if usable {
+			rs, err := c.registerMany(ctx, []Key{k}, so.tags, c.maxL2TTL(so), false, []bool{read}, c.leases)
+			if err == nil {
+				err = rs[0].err
+			}
+			switch {
+			case err != nil: // failing, or refusing the bookkeeping (OOM at maxmemory with noeviction)
+				c.countL2Error(err)
+			case rs[0].data == nil:
+				l2ok, absent, reg = true, read, rs[0].reg
+				ls = leaseState{token: rs[0].lease, busy: rs[0].leaseBusy}
+			default:
+				r := rs[0]
+				ls = leaseState{token: r.lease, busy: r.leaseBusy}
+				hit, usable := tryHit(r.data, r.reg.st.entityGen, true, r.reg.st.tags, false)
+				if hit {
+					if ls.token != "" {
+						c.releaseLease(ctx, k, ls.token)
+					}
+					return
+				}
+				l2ok, reg = usable, r.reg
+				if !usable && ls.token != "" {
+					c.releaseLease(ctx, k, ls.token)
+					ls = leaseState{}
+				}
+			}
 		}
 	}
 	if current == nil {
 		c.stats.misses.Add(1)
 	}
-	obtain := func() (V, error) { return c.obtain(ctx, k, load, so, reg, l2ok, absent, seq) }
+	obtain := func() (V, error) { return c.obtain(ctx, k, load, so, reg, ls, l2ok, absent, seq) }
 	if current != nil { // an early refresh: nobody waits, and the current value stays
 		v, err := obtain()
 		if err != nil && !errors.Is(err, ErrNotFound) {
@@ -247,26 +279,36 @@ const (
 	failSafeMaxBackoff = 30 * time.Second
 )
 
+// leaseState is what a flight's registration learnt of k's lease: token is set when this flight
+// holds it; busy reports that another holder had it.
+type leaseState struct {
+	token string
+	busy  bool
+}
+
 // obtain produces k's value: through another instance's load, waiting on its lease, or by
 // loading it here under a lease of its own (or none, with LocalLoadsOnly or Redis failing); a
-// loaded value is stored in both levels.
-func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context) (V, error), so setOptions, reg registration, l2ok, absent bool, seq uint64) (V, error) {
+// loaded value is stored in both levels. ls is the lease as the registration found it.
+func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context) (V, error), so setOptions, reg registration, ls leaseState, l2ok, absent bool, seq uint64) (V, error) {
 	var zero V
 	if c.loadTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.loadTimeout)
 		defer cancel()
 	}
-	if c.leases && l2ok {
+	// held is the lease this load holds until its write releases it (or, if it makes none, the
+	// deferred release does).
+	var held *heldLease
+	if ls.token != "" {
+		held = &heldLease{token: ls.token}
+	}
+	defer func() {
+		if held != nil && !held.released {
+			c.releaseLease(ctx, k, held.token)
+		}
+	}()
+	if c.leases && l2ok && ls.busy {
 		for {
-			token, got, err := c.acquireLease(ctx, k)
-			if err != nil {
-				break // Redis is failing: load without a lease
-			}
-			if got {
-				defer c.releaseLease(ctx, k, token)
-				break
-			}
 			v, found, err := c.awaitLease(ctx, k, seq)
 			if found {
 				c.stats.lockWaits.Add(1)
@@ -274,6 +316,14 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 			}
 			if err != nil {
 				return zero, c.loadFailed(k, err)
+			}
+			token, got, err := c.acquireLease(ctx, k)
+			if err != nil {
+				break // Redis is failing: load without a lease
+			}
+			if got {
+				held = &heldLease{token: token}
+				break
 			}
 		}
 	}
@@ -305,7 +355,7 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 	}
 	c.stamp(e, ttl)
 	c.fillL1(k, e, seq)
-	if l2ok && !c.writeVerified(ctx, []l2write{{k, data, c.pxTTL(ttl, e.negative), absent, reg}})[0] && c.l1 != nil {
+	if l2ok && !c.writeVerified(ctx, []l2write{{k, data, c.pxTTL(ttl, e.negative), absent, reg, held}})[0] && c.l1 != nil {
 		c.l1.remove(k)
 	}
 	return v, err
@@ -402,10 +452,15 @@ func (c *Cache[V]) pxTTL(ttl time.Duration, negative bool) time.Duration {
 
 func (c *Cache[V]) leaseKey(k Key) string { return c.l2.prefix + "%l:" + k.String() }
 
-func (c *Cache[V]) acquireLease(ctx context.Context, k Key) (token string, got bool, err error) {
+// newLeaseToken is a lease's holder token: random, so that only its holder releases it.
+func newLeaseToken() string {
 	var b [16]byte
 	_, _ = rand.Read(b[:])
-	token = hex.EncodeToString(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func (c *Cache[V]) acquireLease(ctx context.Context, k Key) (token string, got bool, err error) {
+	token = newLeaseToken()
 	err = c.l2.call(ctx, func(ctx context.Context) error {
 		cmd := redis.NewStatusCmd(ctx, "set", c.leaseKey(k), token, "px", c.lockTTL.Milliseconds(), "nx")
 		_ = c.l2.rdb.Process(ctx, cmd)

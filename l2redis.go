@@ -260,10 +260,81 @@ local v = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return v`)
 
-// eval runs a script inside a pipeline. Scripts go as EVAL, not EVALSHA: a pipeline cannot fall
-// back after NOSCRIPT, and a restarted Redis has an empty script cache.
+// eval runs a script inside a pipeline as EVAL, which carries the script's text: for the rare
+// paths (invalidations, clean-ups), where a retry after NOSCRIPT would complicate their ordering.
+// The hot paths use scriptCalls.
 func eval(ctx context.Context, p redis.Pipeliner, s *redis.Script, keys []string, args ...any) *redis.Cmd {
 	return s.Eval(ctx, p, keys, args...)
+}
+
+// loadScripts caches scripts in Redis, on every node, so that their first calls need no NOSCRIPT
+// retry. It is best effort, bounded by L2Timeout: a Redis that is down now, or restarts later,
+// costs the first calls one more round trip each, nothing else.
+func (l *l2) loadScripts(ctx context.Context, scripts ...*redis.Script) {
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	load := func(ctx context.Context, c redis.Scripter) error {
+		for _, s := range scripts {
+			if err := s.Load(ctx, c).Err(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if r, ok := l.rdb.(*redis.Ring); ok { // a Ring would send SCRIPT LOAD to one shard only
+		_ = r.ForEachShard(ctx, func(ctx context.Context, shard *redis.Client) error { return load(ctx, shard) })
+		return
+	}
+	_ = load(ctx, l.rdb) // a ClusterClient loads on every master itself
+}
+
+// scriptCalls are the script calls of one pipeline, sent as EVALSHA: Redis neither receives nor
+// hashes the script's text on every call (registerScript is over a kilobyte). A Redis whose script
+// cache is empty (restarted, or SCRIPT FLUSH) answers NOSCRIPT; retry then sends those calls again
+// as EVAL, which also caches the script for the next ones. A NOSCRIPT reply means the script did
+// not run, so running it again is safe, whatever else the pipeline held.
+type scriptCalls []scriptCall
+
+type scriptCall struct {
+	cmd  *redis.Cmd
+	s    *redis.Script
+	keys []string
+	args []any
+}
+
+// run queues s in p and returns its command, whose result retry may replace.
+func (sc *scriptCalls) run(ctx context.Context, p redis.Pipeliner, s *redis.Script, keys []string, args ...any) *redis.Cmd {
+	cmd := s.EvalSha(ctx, p, keys, args...)
+	*sc = append(*sc, scriptCall{cmd, s, keys, args})
+	return cmd
+}
+
+// retry sends again, as EVAL in one more round trip, the calls that Redis answered NOSCRIPT, and
+// puts their results in the original commands.
+func (sc scriptCalls) retry(ctx context.Context, l *l2) {
+	var again []scriptCall
+	for _, c := range sc {
+		if redis.HasErrorPrefix(c.cmd.Err(), "NOSCRIPT") {
+			again = append(again, c)
+		}
+	}
+	if len(again) == 0 {
+		return
+	}
+	cmds := make([]*redis.Cmd, len(again))
+	err := l.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+		for i, c := range again {
+			cmds[i] = c.s.Eval(ctx, p, c.keys, c.args...)
+		}
+	})
+	for i, c := range again {
+		if cmds[i] == nil { // the pipeline did not run (the breaker is open, the caller left)
+			c.cmd.SetErr(err)
+			continue
+		}
+		c.cmd.SetVal(cmds[i].Val())
+		c.cmd.SetErr(cmds[i].Err())
+	}
 }
 
 // newGeneration is the first generation of a meta hash: random, so that a hash that was evicted

@@ -256,13 +256,12 @@ type registration struct {
 // register creates or extends the meta hashes of k's entity and of tags, registers k as a member
 // of each, and returns their generations and the pattern epoch; with bumpDelete it also moves the
 // entity's delete epoch (Set does, so that loads in flight drop their writes rather than race it).
-// With get it also reads the value, in the same round trip.
-func (c *Cache[V]) register(ctx context.Context, k Key, tags []string, ttl time.Duration, bumpDelete, get bool) (reg registration, data []byte, err error) {
-	rs, err := c.registerMany(ctx, []Key{k}, tags, ttl, bumpDelete, []bool{get})
+func (c *Cache[V]) register(ctx context.Context, k Key, tags []string, ttl time.Duration, bumpDelete bool) (registration, error) {
+	rs, err := c.registerMany(ctx, []Key{k}, tags, ttl, bumpDelete, []bool{false}, false)
 	if err != nil {
-		return reg, nil, err
+		return registration{}, err
 	}
-	return rs[0].reg, rs[0].data, rs[0].err
+	return rs[0].reg, rs[0].err
 }
 
 // registered is registerMany's result for one key.
@@ -270,13 +269,18 @@ type registered struct {
 	reg  registration
 	data []byte // the value, when it was read and is there
 	err  error  // this key's registration or read failed
+	// lease is the token of the key's lease, when registerMany was asked to take it and did;
+	// leaseBusy reports that another holder has it.
+	lease     string
+	leaseBusy bool
 }
 
-// registerMany is register for many keys (distinct or not) in one pipeline: one script per key and
-// tag, one GET per key whose get is set, and one GET of the pattern epoch. err is set when the
-// pipeline as a whole failed (Redis unreachable, the breaker open, the epoch unreadable); a key
-// whose own commands failed (a script refused at maxmemory) has its registered.err set.
-func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, ttl time.Duration, bumpDelete bool, get []bool) ([]registered, error) {
+// registerMany registers many keys (distinct or not) in one pipeline: one script per key and tag,
+// one GET per key whose get is set, and one GET of the pattern epoch; with lease, also a SET NX of
+// each key's lease. err is set when the pipeline as a whole failed (Redis unreachable, the breaker
+// open, the epoch unreadable); a key whose own commands failed (a script refused at maxmemory) has
+// its registered.err set.
+func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, ttl time.Duration, bumpDelete bool, get []bool, lease bool) ([]registered, error) {
 	bump := "0"
 	if bumpDelete {
 		bump = "1"
@@ -286,6 +290,12 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 	getCmds := make([]*redis.StringCmd, len(ks))
 	entityCmds := make([]*redis.Cmd, len(ks))
 	tagCmds := make([]*redis.Cmd, len(ks)*len(tags))
+	var leaseCmds []*redis.StatusCmd
+	var tokens []string
+	if lease {
+		leaseCmds, tokens = make([]*redis.StatusCmd, len(ks)), make([]string, len(ks))
+	}
+	var scripts scriptCalls
 	ran := false
 	err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
 		ran = true
@@ -295,16 +305,22 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 			if get[i] {
 				getCmds[i] = p.Get(ctx, c.l2.prefix+ks)
 			}
-			entityCmds[i] = eval(ctx, p, registerScript, []string{c.l2.entityMeta(k.Entity(), k.ID()), c.l2.entityGen(k.Entity(), k.ID())},
+			entityCmds[i] = scripts.run(ctx, p, registerScript, []string{c.l2.entityMeta(k.Entity(), k.ID()), c.l2.entityGen(k.Entity(), k.ID())},
 				newGeneration(), metaMs, ks[len(ks)-16:], bump, ttl.Milliseconds())
 			for j, t := range tags {
-				tagCmds[i*len(tags)+j] = eval(ctx, p, registerScript, []string{c.l2.tagMeta(t)}, newGeneration(), metaMs, ks, "0", ttl.Milliseconds())
+				tagCmds[i*len(tags)+j] = scripts.run(ctx, p, registerScript, []string{c.l2.tagMeta(t)}, newGeneration(), metaMs, ks, "0", ttl.Milliseconds())
+			}
+			if lease {
+				tokens[i] = newLeaseToken()
+				leaseCmds[i] = redis.NewStatusCmd(ctx, "set", c.leaseKey(k), tokens[i], "px", c.lockTTL.Milliseconds(), "nx")
+				_ = p.Process(ctx, leaseCmds[i])
 			}
 		}
 	})
 	if !ran {
 		return nil, err
 	}
+	scripts.retry(ctx, c.l2)
 	epoch, err := epochCmd.Result()
 	if err != nil && !errors.Is(err, redis.Nil) {
 		return nil, err
@@ -313,6 +329,16 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 	for i := range ks {
 		r := &rs[i]
 		r.reg.epoch = epoch
+		if lease {
+			// Taken or not, the outcome is known only from a reply; without one the caller loads
+			// without a lease, as when Redis fails.
+			switch err := leaseCmds[i].Err(); {
+			case err == nil:
+				r.lease = tokens[i]
+			case errors.Is(err, redis.Nil): // NX: another holder has it
+				r.leaseBusy = true
+			}
+		}
 		if r.reg.st.entityGen, r.reg.d, r.err = metaReply(entityCmds[i]); r.err != nil {
 			continue
 		}
@@ -340,16 +366,37 @@ type l2write struct {
 	ttl    time.Duration // the Redis TTL
 	absent bool          // the key was absent when its load began: write only if it still is
 	reg    registration  // what the load registered under before it began
+	lease  *heldLease    // the key's lease, held by this load; nil if none
 }
 
-// writeVerified writes loaded values and then checks that no Delete, Set or InvalidatePattern
-// moved the epochs each registered under while it loaded; a write whose epochs moved is removed
-// (only if it is still there), the other instances, which may have read it meanwhile, are told,
-// and kept[i] is false. Invalidations by entity or tag need no check: they move a generation, and
-// the value's stamp then reads as stale. A write that may have landed but could not be checked (its
-// reply or the check timed out) is taken back the same way: only a reply from Redis proves it did
-// not land. Every write and check goes in one pipeline (two on a Cluster, where the writes must be
-// done before the checks start).
+// heldLease is a lease a load holds: its token, and whether its write has released it.
+type heldLease struct {
+	token    string
+	released bool
+}
+
+// releaseIfUnchangedScript releases a load's lease (KEYS[1], if it still holds ARGV[1]) in the
+// pipeline of the load's write on a single Redis, only if the entity's delete epoch (KEYS[2]'s "d")
+// and the pattern epoch (KEYS[3]) are still what the load registered under (ARGV[2], ARGV[3]). A
+// load whose epochs moved keeps its lease until it has taken its write back: a waiter must not read
+// that write. It returns 1 when it released the lease.
+var releaseIfUnchangedScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('HGET', KEYS[2], 'd') == ARGV[2]
+	and (redis.call('GET', KEYS[3]) or '') == ARGV[3] then
+	return redis.call('DEL', KEYS[1])
+end
+return 0`)
+
+// writeVerified writes loaded values so that none survives a Delete, Set or InvalidatePattern that
+// moved the epochs it registered under while it loaded; kept[i] is false for a value that was not
+// kept (L1 drops it). Invalidations by entity or tag need no check: they move a generation, and the
+// value's stamp then reads as stale. On a single Redis, writeChecked checks and writes at once. On
+// a Cluster or Ring the keys involved live on different nodes, so the values are written first and
+// checked after (two pipelines): a write whose epochs moved is removed (only if it is still
+// there) and the other instances, which may have read it meanwhile, are told. A write that may have
+// landed but could not be checked (its reply or the check timed out) is taken back the same way:
+// only a reply from Redis proves it did not land. Leases are released by writeChecked, and on a
+// Cluster by the loader's own deferred release.
 func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool) {
 	kept = make([]bool, len(ws))
 	rkeys := make([]string, len(ws))
@@ -365,6 +412,12 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 	}
 	epoch := new(redis.StringCmd)
 	sent := false
+	// On a single Redis the leases go in the same pipeline, each released only if its load's
+	// epochs did not move; on a Cluster their keys live on other nodes, and the loads' deferred
+	// releases let them go after the write.
+	_, single := c.l2.rdb.(*redis.Client)
+	releases := make([]*redis.Cmd, len(ws))
+	var scripts scriptCalls
 	_ = c.l2.ordered(ctx, // l2.ordered applies the L2Timeout budget; replies are read per command
 		func(p redis.Pipeliner) {
 			sent = true
@@ -374,10 +427,23 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 		},
 		func(p redis.Pipeliner) {
 			for i, w := range ws {
-				ds[i] = p.HGet(ctx, c.l2.entityMeta(w.k.Entity(), w.k.ID()), "d")
+				meta := c.l2.entityMeta(w.k.Entity(), w.k.ID())
+				ds[i] = p.HGet(ctx, meta, "d")
+				if single && w.lease != nil {
+					releases[i] = scripts.run(ctx, p, releaseIfUnchangedScript,
+						[]string{c.leaseKey(w.k), meta, c.l2.epochKey()}, w.lease.token, w.reg.d, w.reg.epoch)
+				}
 			}
 			epoch = p.Get(ctx, c.l2.epochKey())
 		})
+	if sent {
+		scripts.retry(ctx, c.l2)
+	}
+	for i, r := range releases {
+		if r != nil && r.Val() == int64(1) {
+			ws[i].lease.released = true
+		}
+	}
 	epochNow, epochErr := epoch.Result()
 	if errors.Is(epochErr, redis.Nil) {
 		epochErr = nil

@@ -76,6 +76,27 @@ func heldClient(t *testing.T, e *testEnv, h redis.Hook) *redis.Client {
 	return c
 }
 
+// heldRing is a one-shard Ring on e's Redis with hook h: not a *redis.Client, so the cache takes
+// the paths it takes on a Cluster, where the keys a load writes and checks live on different nodes
+// (write, then verify, then take back).
+func heldRing(t *testing.T, e *testEnv, h redis.Hook) *redis.Ring {
+	r := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"one": e.rdb.Options().Addr}, ContextTimeoutEnabled: true})
+	t.Cleanup(func() { _ = r.Close() })
+	r.AddHook(h)
+	return r
+}
+
+// writePaths are the two ways a load writes and checks: on a single Redis in one pipeline that
+// also releases the load's lease if its epochs did not move; on a Cluster (here a Ring) the write
+// first, then the check, and the lease after.
+var writePaths = []struct {
+	name   string
+	client func(*testing.T, *testEnv, redis.Hook) redis.UniversalClient
+}{
+	{"single", func(t *testing.T, e *testEnv, h redis.Hook) redis.UniversalClient { return heldClient(t, e, h) }},
+	{"ring", func(t *testing.T, e *testEnv, h redis.Hook) redis.UniversalClient { return heldRing(t, e, h) }},
+}
+
 // A read on the invalidating instance, between its L1 drop and its Redis delete, must not leave the
 // old value in its L1 (it ignores its own bus message).
 func TestLocalReadDuringOwnDelete(t *testing.T) {
@@ -102,77 +123,92 @@ func TestLocalReadDuringOwnDelete(t *testing.T) {
 	}
 }
 
-// A load whose write lands but whose reply is lost must not leave a value loaded before a Delete.
-func TestWriteWithLostReplyIsTakenBack(t *testing.T) {
-	e := newEnv(t)
-	k := NewKey("artist", "lost")
-	hold := newHold("set", e.redisKey(k), true)
-	hold.lie = context.DeadlineExceeded
-	close(hold.release) // do not block, just lie
-	opts := e.opts()
-	opts.Redis = heldClient(t, e, hold)
-	loader := newCache[ImageMeta](e, opts)
-	other := newCache[ImageMeta](e, e.opts())
-	started, release := make(chan struct{}), make(chan struct{})
-	done := make(chan struct{})
+// loadDuringDelete starts c.GetOrLoad of k with a loader that returns metaV(id, 1) but only after
+// deleter has deleted k: a load that read the database before an update whose Delete overtook it.
+// done is closed when the GetOrLoad returns; release lets the loader return.
+func loadDuringDelete(t *testing.T, c, deleter *Cache[ImageMeta], k Key, id string) (release, done chan struct{}) {
+	t.Helper()
+	started := make(chan struct{})
+	release, done = make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
-		_, _ = loader.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) {
+		_, _ = c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) {
 			close(started)
 			<-release
-			return metaV("lost", 1), nil
-		})
-	}()
-	<-started
-	if err := other.Delete(ctx, k); err != nil {
-		t.Fatal(err)
-	}
-	close(release)
-	<-done
-	if raw := e.raw(k); raw != "" {
-		t.Errorf("the write whose reply was lost is still in Redis")
-	}
-}
-
-// A reader that sees a load's write before the load takes it back must not keep it.
-func TestTakenBackWriteLeavesNoCopyElsewhere(t *testing.T) {
-	e := newEnv(t)
-	k := NewKey("artist", "window")
-	hold := newHold("evalsha", delIfUnchanged.Hash(), false) // the take-back
-	opts := e.opts()
-	opts.Redis = heldClient(t, e, hold)
-	opts.L2Timeout = 5 * time.Second
-	loader := newCache[ImageMeta](e, opts)
-	deleter := newCache[ImageMeta](e, e.opts())
-	reader := newCache[ImageMeta](e, e.opts())
-	started, release := make(chan struct{}), make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_, _ = loader.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) {
-			close(started)
-			<-release
-			return metaV("window", 1), nil
+			return metaV(id, 1), nil
 		})
 	}()
 	<-started
 	if err := deleter.Delete(ctx, k); err != nil {
 		t.Fatal(err)
 	}
-	close(release)
-	select {
-	case <-hold.held: // the take-back is held: the stale write is in Redis right now
-		if v, err := reader.Get(ctx, k); err == nil {
-			t.Logf("the reader saw the write in the window (%s), as it may", v.ETag)
-		}
-		close(hold.release)
-	case <-done:
-		t.Fatal("the load finished without taking its write back")
+	return release, done
+}
+
+// A load whose write lands but whose reply is lost must not leave a value loaded before a Delete.
+func TestWriteWithLostReplyIsTakenBack(t *testing.T) {
+	for _, wp := range writePaths {
+		t.Run(wp.name, func(t *testing.T) {
+			e := newEnv(t)
+			k := NewKey("artist", "lost")
+			hold := newHold("set", e.redisKey(k), true)
+			hold.lie = context.DeadlineExceeded
+			close(hold.release) // do not block, just lie
+			opts := e.opts()
+			opts.Redis = wp.client(t, e, hold)
+			loader := newCache[ImageMeta](e, opts)
+			other := newCache[ImageMeta](e, e.opts())
+			release, done := loadDuringDelete(t, loader, other, k, "lost")
+			close(release)
+			<-done
+			select {
+			case <-hold.held:
+			default:
+				t.Fatal("the load's write was never sent")
+			}
+			if raw := e.raw(k); raw != "" {
+				t.Errorf("the write whose reply was lost is in Redis")
+			}
+			if _, ok := loader.l1.get(k); ok {
+				t.Error("the loader kept the value in L1")
+			}
+		})
 	}
-	<-done
-	eventually(t, wantMiss(reader, k))
-	if e.raw(k) != "" {
-		t.Error("the taken-back write is still in Redis")
+}
+
+// A reader that sees a load's write before the load takes it back must not keep it.
+func TestTakenBackWriteLeavesNoCopyElsewhere(t *testing.T) {
+	for _, wp := range writePaths {
+		t.Run(wp.name, func(t *testing.T) {
+			e := newEnv(t)
+			k := NewKey("artist", "window")
+			hold := newHold("evalsha", delIfUnchanged.Hash(), false) // the take-back
+			opts := e.opts()
+			opts.Redis = wp.client(t, e, hold)
+			opts.L2Timeout = 5 * time.Second
+			loader := newCache[ImageMeta](e, opts)
+			deleter := newCache[ImageMeta](e, e.opts())
+			reader := newCache[ImageMeta](e, e.opts())
+			release, done := loadDuringDelete(t, loader, deleter, k, "window")
+			close(release)
+			select {
+			case <-hold.held: // the take-back is held: the stale write is in Redis right now
+				if v, err := reader.Get(ctx, k); err == nil {
+					t.Logf("the reader saw the write in the window (%s), as it may", v.ETag)
+				}
+				close(hold.release)
+			case <-done:
+				t.Fatal("the load finished without taking its write back")
+			}
+			<-done
+			eventually(t, wantMiss(reader, k))
+			if e.raw(k) != "" {
+				t.Error("the taken-back write is still in Redis")
+			}
+			if n := loader.Stats().LoadsSuperseded; n != 1 {
+				t.Errorf("LoadsSuperseded = %d, want 1", n)
+			}
+		})
 	}
 }
 
@@ -454,47 +490,41 @@ func TestBreakerOpensForCallersWithShortDeadlines(t *testing.T) {
 // A GetOrLoad that starts after Delete returned must not get a lease holder's write that the
 // holder is about to take back: waiters accept a value only once the lease is released.
 func TestLeaseWaiterAfterDeleteGetsNewValue(t *testing.T) {
-	e := newEnv(t)
-	k := NewKey("artist", "lw")
-	hold := newHold("evalsha", delIfUnchanged.Hash(), false) // the take-back
-	opts := e.opts()
-	opts.Redis = heldClient(t, e, hold)
-	opts.L2Timeout = 5 * time.Second
-	holder := newCache[ImageMeta](e, opts)
-	deleter := newCache[ImageMeta](e, e.opts())
-	waiter := newCache[ImageMeta](e, e.opts())
-	started, release := make(chan struct{}), make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_, _ = holder.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) {
-			close(started)
-			<-release
-			return metaV("lw", 1), nil // read from the database before the update
+	for _, wp := range writePaths {
+		t.Run(wp.name, func(t *testing.T) {
+			e := newEnv(t)
+			k := NewKey("artist", "lw")
+			// Held: the take-back of the holder's stale write, which is in Redis meanwhile. Its
+			// lease must still be held: the write's pipeline did not release it, the epoch having
+			// moved.
+			hold := newHold("evalsha", delIfUnchanged.Hash(), false)
+			opts := e.opts()
+			opts.Redis = wp.client(t, e, hold)
+			opts.L2Timeout = 5 * time.Second
+			holder := newCache[ImageMeta](e, opts)
+			deleter := newCache[ImageMeta](e, e.opts())
+			waiter := newCache[ImageMeta](e, e.opts())
+			release, done := loadDuringDelete(t, holder, deleter, k, "lw")
+			got := make(chan ImageMeta, 1)
+			go func() { // starts after Delete returned; the holder's lease makes it wait
+				v, _ := waiter.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("lw", 2), nil })
+				got <- v
+			}()
+			time.Sleep(20 * time.Millisecond)
+			close(release)
+			<-hold.held // the holder's stale write is in Redis, its take-back held, its lease still held
+			select {
+			case v := <-got:
+				t.Fatalf("the waiter returned %s while the lease was held", v.ETag)
+			case <-time.After(50 * time.Millisecond):
+			}
+			close(hold.release)
+			if v := <-got; v.ETag != `"lw-v2"` {
+				t.Errorf("GetOrLoad on another instance, started after Delete returned, got %s", v.ETag)
+			}
+			<-done
 		})
-	}()
-	<-started
-	if err := deleter.Delete(ctx, k); err != nil { // database updated to v2, then Delete
-		t.Fatal(err)
 	}
-	got := make(chan ImageMeta, 1)
-	go func() { // starts after Delete returned; the holder's lease makes it wait
-		v, _ := waiter.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("lw", 2), nil })
-		got <- v
-	}()
-	time.Sleep(20 * time.Millisecond)
-	close(release)
-	<-hold.held // the holder's stale write is in Redis, its take-back held, its lease still held
-	select {
-	case v := <-got:
-		t.Fatalf("the waiter returned %s while the lease was held", v.ETag)
-	case <-time.After(50 * time.Millisecond):
-	}
-	close(hold.release)
-	if v := <-got; v.ETag != `"lw-v2"` {
-		t.Errorf("GetOrLoad on another instance, started after Delete returned, got %s", v.ETag)
-	}
-	<-done
 }
 
 func TestCloseWithinASecondWithRedisBlackholed(t *testing.T) {

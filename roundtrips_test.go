@@ -1,0 +1,154 @@
+package imgcache
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// calls returns rt's calls since the last take, without a new connection's handshake.
+func calls(rt *roundTrips) []string {
+	names, _ := rt.take()
+	return slices.DeleteFunc(names, func(n string) bool { return n == "hello" || strings.HasPrefix(n, "client") })
+}
+
+// A GetOrLoad that Redis answers costs what a Get costs: one MGET, no script. A miss costs three
+// round trips on a single Redis: the read, the registration with the lease, and the write with its
+// check and the lease's release.
+func TestGetOrLoadRoundTrips(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1 // every call reads Redis
+	c, rt := countedCache(t, e, o)
+	k := NewKey("artist", "rt").With("size", "512")
+	loads := 0
+	load := func(context.Context) (ImageMeta, error) { loads++; return metaV("rt", 1), nil }
+
+	rt.take()
+	if _, err := c.GetOrLoad(ctx, k, load); err != nil {
+		t.Fatal(err)
+	}
+	names := calls(rt)
+	want := []string{"mget", "get get evalsha set", "set hget evalsha get"}
+	if !slices.Equal(names, want) {
+		t.Errorf("a miss made the calls %q, want %q", names, want)
+	}
+	if n := e.rdb.Exists(ctx, c.leaseKey(k)).Val(); n != 0 {
+		t.Error("the load's lease is still held after its write")
+	}
+
+	for range 3 {
+		v, err := c.GetOrLoad(ctx, k, load)
+		if err != nil || v.ETag != `"rt-v1"` {
+			t.Fatalf("GetOrLoad = %s, %v", v.ETag, err)
+		}
+	}
+	if names := calls(rt); !slices.Equal(names, []string{"mget", "mget", "mget"}) {
+		t.Errorf("three hits in Redis made the calls %q, want one MGET each", names)
+	}
+	if loads != 1 {
+		t.Errorf("%d loads, want 1", loads)
+	}
+	if s := c.Stats(); s.L2Hits != 3 || s.Misses != 1 {
+		t.Errorf("L2Hits %d, Misses %d; want 3 and 1", s.L2Hits, s.Misses)
+	}
+}
+
+// On a Cluster (here a one-shard Ring) the lease cannot be released in the write's pipeline, whose
+// keys live on other nodes: the load releases it after its write and check.
+func TestGetOrLoadReleasesItsLeaseOnACluster(t *testing.T) {
+	e := newEnv(t)
+	rt := &roundTrips{}
+	o := e.opts()
+	o.Redis = heldRing(t, e, rt)
+	c := newCache[ImageMeta](e, o)
+	k := NewKey("artist", "ring")
+	rt.take()
+	if _, err := c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("ring", 1), nil }); err != nil {
+		t.Fatal(err)
+	}
+	names := calls(rt)
+	if len(names) == 0 || names[len(names)-1] != "evalsha" {
+		t.Errorf("calls %q: want the lease's release last", names)
+	}
+	if n := e.rdb.Exists(ctx, c.leaseKey(k)).Val(); n != 0 {
+		t.Error("the load's lease is still held")
+	}
+	if e.raw(k) == "" {
+		t.Error("the loaded value is not in Redis")
+	}
+}
+
+// A Redis whose script cache was emptied (a restart, SCRIPT FLUSH) answers NOSCRIPT to the
+// EVALSHAs of the hot paths; they are sent again as EVAL, and nothing is lost.
+func TestScriptsSurviveAnEmptiedScriptCache(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	c, rt := countedCache(t, e, o)
+	other := newCache[ImageMeta](e, e.opts())
+	flush := func() {
+		t.Helper()
+		if err := e.rdb.ScriptFlush(ctx).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	flush()
+	k := NewKey("artist", "flushed")
+	rt.take()
+	if _, err := c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("flushed", 1), nil }); err != nil {
+		t.Fatal(err)
+	}
+	names := calls(rt)
+	if !slices.Contains(names, "eval") {
+		t.Errorf("calls %q: want the registration sent again as EVAL", names)
+	}
+	if e.raw(k) == "" {
+		t.Fatal("the loaded value is not in Redis")
+	}
+	if n := e.rdb.Exists(ctx, c.leaseKey(k)).Val(); n != 0 {
+		t.Error("the load's lease is still held")
+	}
+	// The value carries a valid stamp: another instance reads it, and an invalidation of its
+	// entity still reaches it.
+	v, err := other.Get(ctx, k)
+	if err != nil || v.ETag != `"flushed-v1"` {
+		t.Fatalf("other.Get = %s, %v", v.ETag, err)
+	}
+
+	flush()
+	if err := c.Set(ctx, k, metaV("flushed", 2)); err != nil {
+		t.Fatalf("Set after SCRIPT FLUSH: %v", err)
+	}
+	flush()
+	if err := c.InvalidateEntity(ctx, "artist", "flushed"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Get(ctx, k); err == nil {
+		t.Error("the value survived the invalidation of its entity")
+	}
+	if n := c.Stats().L2Errors; n != 0 {
+		t.Errorf("L2Errors = %d, want 0: NOSCRIPT is not a failure", n)
+	}
+}
+
+// A NOSCRIPT reply counts as Redis answering, not failing: the breaker stays closed.
+func TestNoScriptRetryKeepsTheBreakerClosed(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.BreakerThreshold = 1
+	c := newCache[ImageMeta](e, o)
+	for i := range 3 {
+		if err := e.rdb.ScriptFlush(ctx).Err(); err != nil {
+			t.Fatal(err)
+		}
+		k := NewKey("artist", "brk").With("n", string(rune('a'+i)))
+		if _, err := c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("brk", 1), nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c.l2.brk.open() {
+		t.Error("NOSCRIPT replies opened the breaker")
+	}
+}
