@@ -68,8 +68,19 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, k Key, load func(context.Conte
 // that keeps the first caller's values but not its cancellation, and that Close cancels. current is
 // set for an early refresh: the entry being refreshed, which callers keep getting meanwhile.
 func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], load func(context.Context) (V, error), so setOptions, current *l1entry[V]) {
-	ctx, cancel := context.WithCancel(context.WithoutCancel(callerCtx))
-	stop := context.AfterFunc(c.base, cancel)
+	// A flight that Redis answers needs no cancellation beyond its read's L2Timeout, so the context
+	// Close cancels is made (detach) only when the flight goes on to register and load: an L2 hit
+	// spares its allocations.
+	ctx := context.WithoutCancel(callerCtx)
+	cancel, stop := context.CancelFunc(func() {}), func() bool { return false }
+	detached := false
+	detach := func() {
+		if !detached {
+			detached = true
+			ctx, cancel = context.WithCancel(ctx)
+			stop = context.AfterFunc(c.base, cancel)
+		}
+	}
 	handedOff := false // the flight's end was handed to another goroutine, which does this instead
 	defer func() {
 		if !handedOff {
@@ -98,7 +109,7 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	var ls leaseState
 	l2ok, absent := false, false // whether the load's result can be written to Redis; whether k was absent
 	if c.l2 != nil {
-		rkey := c.l2.key(k)
+		rkey, genKey := c.l2.readKeys(k)
 		// tryHit serves a value read from Redis if it is fresh (and, for an early refresh, newer than
 		// the value being refreshed); a stale one is kept for the fail-safe. usable is false when
 		// checking the value's stamp failed on a Redis error.
@@ -127,7 +138,7 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		read := !c.guard.skipRead()
 		usable := true
 		if read {
-			data, g, gok, err := c.readWithGen(ctx, k, rkey)
+			data, g, gok, err := c.readWithGen(ctx, k, rkey, genKey)
 			switch {
 			case errors.Is(err, redis.Nil):
 				c.l2.debug(ctx, "GET", rkey, "MISS")
@@ -144,6 +155,7 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 			}
 		}
 		if usable {
+			detach()
 			rs, err := c.registerMany(ctx, []Key{k}, so.tags, c.maxL2TTL(so), false, []bool{read}, c.leases)
 			if err == nil {
 				err = rs[0].err
@@ -175,6 +187,7 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	if current == nil {
 		c.stats.misses.Add(1)
 	}
+	detach()
 	obtain := func() (V, error) { return c.obtain(ctx, k, load, so, reg, ls, l2ok, absent, seq) }
 	if current != nil { // an early refresh: nobody waits, and the current value stays
 		v, err := obtain()
@@ -486,7 +499,7 @@ func (c *Cache[V]) releaseLease(ctx context.Context, k Key, token string) {
 // found reports that the value (or a remembered not-found) appeared; found false with a nil error
 // means the lease was released or expired without a value, and the caller should try to take it.
 func (c *Cache[V]) awaitLease(ctx context.Context, k Key, seq uint64) (v V, found bool, err error) {
-	rkey := c.l2.key(k)
+	rkey, genKey := c.l2.readKeys(k)
 	for wait := time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
 		select {
 		case <-ctx.Done():
@@ -504,7 +517,7 @@ func (c *Cache[V]) awaitLease(ctx context.Context, k Key, seq uint64) (v V, foun
 		if held.Val() != 0 {
 			continue
 		}
-		data, g, gok, err := c.readWithGen(ctx, k, rkey)
+		data, g, gok, err := c.readWithGen(ctx, k, rkey, genKey)
 		if err != nil && !errors.Is(err, redis.Nil) {
 			return v, false, nil
 		}

@@ -83,6 +83,16 @@ func checkClient(c redis.UniversalClient) error {
 
 func (l *l2) key(k Key) string { return l.prefix + k.String() }
 
+// readKeys returns the Redis keys of a valid k's value and of its entity's generation, built in
+// one allocation: a read needs both.
+func (l *l2) readKeys(k Key) (rkey, genKey string) {
+	var buf [256]byte
+	b := k.appendString(append(buf[:0], l.prefix...))
+	n := len(b)
+	s := string(l.appendEntityGen(b, k.Entity(), k.ID()))
+	return s[:n], s[n:]
+}
+
 // set writes val with its TTL in the same command (SET key val PX ms): there is no moment at which the
 // key exists without a TTL. The TTL is truncated to whole milliseconds, Redis's resolution.
 func (l *l2) set(ctx context.Context, rkey string, val []byte, ttl time.Duration) error {

@@ -28,8 +28,8 @@ func (c *Cache[V]) readL2(ctx context.Context, k Key) (e *l1entry[V], ok, failed
 		return nil, false, false
 	}
 	seq := c.inv.of(k)
-	rkey := c.l2.key(k)
-	data, g, gok, err := c.readWithGen(ctx, k, rkey)
+	rkey, genKey := c.l2.readKeys(k)
+	data, g, gok, err := c.readWithGen(ctx, k, rkey, genKey)
 	switch {
 	case errors.Is(err, redis.Nil):
 		c.l2.debug(ctx, "GET", rkey, "MISS")
@@ -59,8 +59,7 @@ func (c *Cache[V]) readL2(ctx context.Context, k Key) (e *l1entry[V], ok, failed
 // readWithGen reads a value and its entity's current generation in one round trip: one MGET on a
 // single Redis, a pipeline of two GETs on a Cluster (the keys are in different slots). It returns
 // redis.Nil when the value is absent; gok is false when the generation is missing.
-func (c *Cache[V]) readWithGen(ctx context.Context, k Key, rkey string) (data []byte, g uint64, gok bool, err error) {
-	genKey := c.l2.entityGen(k.Entity(), k.ID())
+func (c *Cache[V]) readWithGen(ctx context.Context, k Key, rkey, genKey string) (data []byte, g uint64, gok bool, err error) {
 	var vals [2]any
 	if single, ok := c.l2.rdb.(*redis.Client); ok {
 		err = c.l2.call(ctx, func(ctx context.Context) error {
