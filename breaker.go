@@ -60,7 +60,9 @@ func (b *breaker) observe(err error) {
 			b.openUntil.Store(0)
 			b.probing.Store(false)
 		}
-		b.failures.Store(0)
+		if b.failures.Load() != 0 { // a store on every call would bounce the line between cores
+			b.failures.Store(0)
+		}
 		return
 	}
 	if b.openUntil.Load() != 0 { // a failed probe: open again
