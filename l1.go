@@ -16,16 +16,36 @@ import (
 // its Key, and every lookup checks it, so two keys whose hashes collide never see each other's value;
 // they only take turns in one slot.
 //
-// Each shard is golang-lru under a plain Mutex. A hit takes it once: the lookup, the policy's update
-// (an LRU hit moves to the front, a TinyLFU hit counts in the sketch), the hit counter and the
-// removal of an expired entry share one critical section, so no hit pays for more than two atomic
-// operations, which cost more than the whole lookup on a virtualised core. Shards are many (up to
-// maxShards, at least minPerShard entries each) and a cache line each, so two cores rarely meet.
-// A read lock and a buffer of hits to apply later (Caffeine's design) were measured here and lost:
-// they need four or five atomic operations per hit, and the hit took 2.6 times golang-lru's.
+// Each shard is golang-lru under a plain Mutex, beside a read index (l1index.go) that holds the same
+// entries: writers (adds, removals, evictions, purges) change both in one critical section, and a
+// hit reads the index without the lock. Shards are many (up to maxShards, at least minPerShard
+// entries each), so writers rarely wait for each other. A hit writes almost nothing that another
+// core reads: the hit counter has a stripe per P (l1hits.go), and the policy's bookkeeping is
+// deferred (l1lazy.go), at most one write to an entry between two of its moves:
+//   - An LRU hit on an entry that is due (see mover) marks it (ref) instead of moving it to the
+//     front; when a marked entry reaches the end of the list, where it would be evicted, the
+//     writer about to evict moves it to the front instead (a second chance, as in CLOCK).
+//   - A W-TinyLFU hit in the protected segment, which holds most entries and takes most hits, is
+//     served the same way, and the first hit that marks an entry takes the lock to count in the
+//     sketch (see wtinylfu.get). A hit in the window or the probation segment takes the lock and
+//     moves or promotes its entry, as before; a miss takes it too, to count in the sketch.
+//   - An LRU with fewer than lazyFraction entries per shard is exact: every hit moves its entry
+//     under the lock.
+//
+// On the traces of TestL1PolicyHitRatio, W-TinyLFU keeps the hit ratios it had with a lock per hit
+// (86.96% on Zipf, 56.89% with scans, against 86.96% and 56.86%), and the second chance makes
+// PolicyLRU keep more than it did (84.47% and 51.93%, against 84.18% and 51.82%).
+//
+// Hits used to take the shard's lock, for the lookup and the policy's update in one critical
+// section: two atomic operations per hit, and hits on a shard took turns, so two goroutines were
+// no faster than one. Moving an entry at every due hit, under the lock, would have kept that cost
+// for a key set that cycles through more than a quarter of a shard: each key is then due at every
+// hit. A read lock and a buffer of hits to apply later (Caffeine's design) were measured before
+// and lost: four or five atomic operations per hit, and the hit took 2.6 times golang-lru's.
 type l1[V any] struct {
 	shards []l1shard[V]
 	mask   uint64
+	hits   hitCounter
 }
 
 const (
@@ -33,40 +53,21 @@ const (
 	minPerShard = 128
 )
 
+// l1shard: mu protects the policy (lru or w), evictions and capacity, and serialises the writers of
+// index. A hit reads index, front and the entries' moved and ref fields without mu: they change
+// atomically. The fields hits read fill the first cache line, mu and evictions the second, so that
+// taking the lock does not take the line from the cores that are reading.
 type l1shard[V any] struct {
-	mu        sync.Mutex                          // protects everything below
-	lru       *simplelru.LRU[uint64, *l1entry[V]] // PolicyLRU; entries change only in moved, under mu
-	w         *wtinylfu[V]                        // PolicyTinyLFU; lru is nil then
-	hits      uint64
+	index    atomic.Pointer[l1index[V]]          // the entries of lru or w, for lock-free hits
+	lru      *simplelru.LRU[uint64, *l1entry[V]] // PolicyLRU; its onEvict keeps index in step
+	w        *wtinylfu[V]                        // PolicyTinyLFU; lru is nil then
+	front    mover                               // lazy promotion: in lru, or in w's protected segment
+	capacity int                                 // PolicyLRU: how many entries lru holds before it evicts
+	_        [64 - 6*8]byte
+
+	mu        sync.Mutex
 	evictions uint64
-	front     mover              // PolicyLRU: lazy promotion
-	_         [64 - 8 - 6*8]byte // a cache line per shard (the array is 64-byte aligned in practice)
-}
-
-// Lazy promotion: an LRU hit moves its entry to the front only if at least a quarter of the
-// shard's capacity has been moved in front of it since it was last moved; an entry nearer the
-// front cannot be evicted before it would be, and skipping the move spares a hit the writes to
-// the list's links, which live in cache lines that other shards' entries share (golang-lru
-// allocates list elements as entries arrive, so neighbours in memory belong to any shard). With a
-// few entries per shard the quarter is zero and the LRU is exact.
-const lazyFraction = 4
-
-// mover counts the moves to the front of one LRU list (a shard's, or W-TinyLFU's protected
-// segment) for lazy promotion. Its entries' moved fields hold its count at their last move.
-type mover struct {
-	moves uint64 // entries moved to the front so far: adds and promotions
-	lazy  uint64 // an entry fewer than this many moves from the front is not moved
-}
-
-func newMover(capacity int) mover { return mover{lazy: uint64(capacity / lazyFraction)} }
-
-// due reports whether e is far enough from the front to be moved on a hit.
-func (m *mover) due(moved uint64) bool { return m.moves-moved >= m.lazy }
-
-// count records a move to the front and returns the count to store in the entry's moved field.
-func (m *mover) count() uint64 {
-	m.moves++
-	return m.moves
+	_         [64 - 2*8]byte // the array is 64-byte aligned in practice
 }
 
 // Policy chooses what L1 keeps when it is full.
@@ -78,7 +79,9 @@ const (
 	// recency is what a caller expects. The default by measurement: W-TinyLFU keeps 2.6 points more
 	// hits than LRU on a Zipf trace and 4.5 more with scans (README, L1 policy).
 	PolicyAuto Policy = iota
-	// PolicyLRU evicts the least recently used entry: golang-lru's LRU, sharded.
+	// PolicyLRU evicts the least recently used entry, nearly: golang-lru's LRU, sharded, where a
+	// hit marks its entry instead of moving it, and a marked entry that reaches the end of the
+	// list moves to the front instead of being evicted (a second chance). Hits then need no lock.
 	PolicyLRU
 	// PolicyTinyLFU is W-TinyLFU (see wtinylfu.go) on golang-lru's LRUs: a new entry enters a
 	// small window, and then stays only if it has been asked for more often than the entry it
@@ -87,6 +90,9 @@ const (
 	PolicyTinyLFU
 )
 
+// l1entry is one value in L1. Once added it is shared and read without locks: only moved and ref
+// change, atomically; everything else is fixed. Copy an entry only through l1.snapshot, which
+// leaves out the two fields that hits may be writing.
 type l1entry[V any] struct {
 	val         V
 	exp         int64    // clock reading (see coarseNow) after which the entry is not served as fresh
@@ -99,9 +105,10 @@ type l1entry[V any] struct {
 	negative    bool     // a remembered "not found"
 	stale       bool     // a stale value put back by the fail-safe: served, and counted, as stale
 	failures    uint8    // consecutive failed loads behind a fail-safe entry, for its backoff
+	ref         uint32   // 1: hit while due, to move to the front before eviction; atomic, set without the lock
 	tags        []string // for InvalidateTags
 	key         Key      // set when added: the policy is keyed by the hash, and lookups check the key
-	moved       uint64   // the shard's (or protected segment's) move count when last moved to the front; under the shard lock
+	moved       uint64   // the mover's count when last moved to the front (0: W-TinyLFU's window or probation); atomic, written under the lock
 }
 
 // autoTinyLFU is the smallest L1 for which PolicyAuto picks PolicyTinyLFU.
@@ -114,7 +121,7 @@ func newL1[V any](size int, policy Policy) *l1[V] {
 	for n < maxShards && size/(n*2) >= minPerShard {
 		n *= 2
 	}
-	l := &l1[V]{shards: make([]l1shard[V], n), mask: uint64(n - 1)}
+	l := &l1[V]{shards: make([]l1shard[V], n), mask: uint64(n - 1), hits: newHitCounter()}
 	per := (size + n - 1) / n
 	if policy == PolicyAuto {
 		policy = PolicyLRU
@@ -122,17 +129,23 @@ func newL1[V any](size int, policy Policy) *l1[V] {
 			policy = PolicyTinyLFU
 		}
 	}
+	tomb := new(l1entry[V])
 	for i := range l.shards {
+		s := &l.shards[i]
+		s.index.Store(newL1Index(0, tomb))
 		if policy == PolicyTinyLFU {
-			l.shards[i].w = newWTinyLFU[V](per)
+			s.w = newWTinyLFU[V](per, &s.front)
 			continue
 		}
-		c, err := simplelru.NewLRU[uint64, *l1entry[V]](per, nil)
+		// Every removal golang-lru makes (an eviction by Add, Remove, Purge) reaches the index
+		// through onEvict, under the lock of the call that made it.
+		c, err := simplelru.NewLRU(per, func(h uint64, _ *l1entry[V]) { s.unindexLocked(h) })
 		if err != nil { // only for per <= 0, which New rules out
 			panic(err)
 		}
-		l.shards[i].lru = c
-		l.shards[i].front = newMover(per)
+		s.lru = c
+		s.front = newMover(per)
+		s.capacity = per
 	}
 	return l
 }
@@ -150,45 +163,82 @@ func (l *l1[V]) recheck(k Key) (*l1entry[V], bool) { return l.lookup(k, true) }
 
 func (l *l1[V]) lookup(k Key, recheck bool) (*l1entry[V], bool) {
 	s := l.shard(k)
-	s.mu.Lock()
-	var e *l1entry[V]
-	var ok bool
-	switch {
-	case s.w == nil:
-		if e, ok = s.lru.Peek(k.h); ok && !recheck && e.key == k && s.front.due(e.moved) {
-			s.lru.Get(k.h)
-			e.moved = s.front.count()
+	e := s.index.Load().find(k)
+	if e == nil {
+		if s.w != nil && !recheck { // W-TinyLFU counts every access, misses too
+			s.mu.Lock()
+			s.w.get(k.h)
+			s.mu.Unlock()
 		}
-	case recheck: // the same caller looking again: not another access
-		e, ok = s.w.peek(k.h)
-	default:
-		e, ok = s.w.get(k.h)
-	}
-	if !ok || e.key != k {
-		s.mu.Unlock()
 		return nil, false
 	}
 	// Reading the wall clock would cost more than the whole lookup, so the coarse clock decides unless
 	// the entry is within clockSlack of its expiry; then the precise clock does.
 	if d := e.exp - coarseNow(); d <= clockSlack && (d <= 0 || e.exp <= preciseNow()) {
-		if e.staleUntil <= preciseNow() {
-			s.removeLocked(k)
-		}
-		s.mu.Unlock()
+		s.expired(k, e, recheck)
 		return nil, false
 	}
-	s.hits++
-	s.mu.Unlock()
+	l.hits.add()
+	if !recheck {
+		s.hit(k, e)
+	}
 	return e, true
+}
+
+// hit does the policy's work for a hit on e, taking the lock only when it must (see l1).
+func (s *l1shard[V]) hit(k Key, e *l1entry[V]) {
+	if w := s.w; w != nil {
+		moved := e.lastMove()
+		due := s.front.due(moved)
+		switch {
+		case moved == 0 || due && s.front.lazy == 0: // window, probation, or a segment too small to be lazy
+			s.mu.Lock()
+			w.get(k.h)
+			s.mu.Unlock()
+		case due && e.mark(): // its first hit since it was last moved: counted, see wtinylfu.get
+			s.mu.Lock()
+			w.freq.increment(k.h)
+			s.mu.Unlock()
+		}
+		return
+	}
+	if !s.front.due(e.lastMove()) {
+		return
+	}
+	if s.front.lazy > 0 {
+		e.mark()
+		return
+	}
+	s.mu.Lock()
+	if cur, ok := s.lru.Peek(k.h); ok && cur == e {
+		s.lru.Get(k.h)
+		e.movedTo(&s.front)
+	}
+	s.mu.Unlock()
+}
+
+// expired handles a lookup that found e past its freshness: W-TinyLFU counts the access, and an
+// entry past its fail-safe grace too is removed, unless another has taken its place meanwhile.
+func (s *l1shard[V]) expired(k Key, e *l1entry[V], recheck bool) {
+	count := s.w != nil && !recheck
+	gone := e.staleUntil <= preciseNow()
+	if !count && !gone {
+		return
+	}
+	s.mu.Lock()
+	if count {
+		s.w.get(k.h)
+	}
+	if cur, ok := s.peekLocked(k); gone && ok && cur == e {
+		s.removeLocked(k)
+	}
+	s.mu.Unlock()
 }
 
 // peekStale returns k's entry if it is past its freshness but within its fail-safe grace.
 func (l *l1[V]) peekStale(k Key) *l1entry[V] {
-	s := l.shard(k)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	e, ok := s.peekLocked(k)
-	if !ok || e.negative {
+	e := l.shard(k).index.Load().find(k)
+	if e == nil || e.negative {
 		return nil
 	}
 	if now := preciseNow(); e.exp > now || e.staleUntil <= now {
@@ -197,13 +247,15 @@ func (l *l1[V]) peekStale(k Key) *l1entry[V] {
 	return e
 }
 
-// snapshot returns a copy of e, k's entry (or one that was), taken under k's shard lock: hits
-// update e.moved under that lock, so a copy taken without it would race them.
-func (l *l1[V]) snapshot(k Key, e *l1entry[V]) l1entry[V] {
-	s := l.shard(k)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return *e
+// snapshot returns a copy of e, k's entry (or one that was), for the caller to change and add. It
+// copies every field but moved and ref, which hits may be writing as it reads (adding sets them),
+// so it takes no lock; TestL1SnapshotCopiesEveryField checks that no field is left out.
+func (l *l1[V]) snapshot(_ Key, e *l1entry[V]) l1entry[V] {
+	return l1entry[V]{
+		val: e.val, exp: e.exp, staleUntil: e.staleUntil, l2exp: e.l2exp, expMs: e.expMs, wid: e.wid,
+		refreshFrom: e.refreshFrom, delta: e.delta, negative: e.negative, stale: e.stale,
+		failures: e.failures, tags: e.tags, key: e.key,
+	}
 }
 
 // add stores e, admission filter or not: the caller's own Set and the fail-safe's backoff use it.
@@ -229,20 +281,37 @@ func (l *l1[V]) addIf(k Key, e *l1entry[V], inv *invalidations, want uint64, adm
 	return s.addLocked(k, e, admit)
 }
 
-// addLocked adds e. Under PolicyTinyLFU a new entry enters the window, where admission to the main
-// area is decided later, so admit does not matter there; it is kept for the call sites' sake.
+// addLocked adds e, to the policy and to the index. Under PolicyTinyLFU a new entry enters the
+// window, where admission to the main area is decided later, so admit does not matter there; it is
+// kept for the call sites' sake.
 func (s *l1shard[V]) addLocked(k Key, e *l1entry[V], _ bool) bool {
-	e.key = k
+	if e.key != k { // not written when equal: an entry is read without the lock once added
+		e.key = k
+	}
 	if s.w != nil {
-		s.evictions += uint64(s.w.add(k.h, e))
+		if h, ok := s.w.add(k.h, e); ok {
+			s.evictions++
+			s.unindexLocked(h)
+		}
 	} else {
-		if s.lru.Add(k.h, e) {
+		if s.lru.Len() >= s.capacity && !s.lru.Contains(k.h) {
+			s.secondChanceLocked()
+		}
+		if s.lru.Add(k.h, e) { // onEvict has removed the oldest from the index
 			s.evictions++
 		}
-		e.moved = s.front.count()
+		e.movedTo(&s.front)
+	}
+	t := s.index.Load()
+	t.put(k.h, e)
+	if t.full() {
+		s.index.Store(t.rebuilt())
 	}
 	return true
 }
+
+// unindexLocked removes the entry of hash h from the index.
+func (s *l1shard[V]) unindexLocked(h uint64) { s.index.Load().remove(h) }
 
 // removeLocked removes k's entry, not that of another key with the same hash.
 func (s *l1shard[V]) removeLocked(k Key) bool {
@@ -250,9 +319,10 @@ func (s *l1shard[V]) removeLocked(k Key) bool {
 		return false
 	}
 	if s.w != nil {
+		s.unindexLocked(k.h)
 		return s.w.remove(k.h)
 	}
-	return s.lru.Remove(k.h)
+	return s.lru.Remove(k.h) // and onEvict removes it from the index
 }
 
 // peekLocked returns k's entry, if the slot of k's hash holds k.
@@ -299,6 +369,8 @@ func (l *l1[V]) purge() {
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
+		// An empty index first: LRU's onEvict then finds nothing to remove in it.
+		s.index.Store(newL1Index(0, s.index.Load().tomb))
 		if s.w != nil {
 			s.w.purge()
 		} else {
@@ -334,12 +406,11 @@ func (l *l1[V]) counts() (hits, evictions, entries uint64) {
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
-		hits += s.hits
 		evictions += s.evictions
 		entries += uint64(s.lenLocked())
 		s.mu.Unlock()
 	}
-	return hits, evictions, entries
+	return l.hits.load(), evictions, entries
 }
 
 // The coarse clock: one goroutine for the whole process, running while at least one Cache is open,

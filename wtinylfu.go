@@ -9,22 +9,24 @@ import "github.com/hashicorp/golang-lru/v2/simplelru"
 // protected segment (80% of the main area), whose overflow falls back to probation. The window
 // keeps bursts of new keys, the sketch keeps one-off keys and scans from pushing out popular ones.
 // Entries are keyed by their Key's hash, as in the L1 shards (which check the key itself). Not safe
-// for concurrent use: each L1 shard owns one, under its lock.
+// for concurrent use: each L1 shard owns one, under its lock; the shard's lock-free hits read only
+// its mover (front, which the shard holds) and the entries' moved and ref fields, which change
+// atomically.
 type wtinylfu[V any] struct {
 	window, probation, protected *simplelru.LRU[uint64, *l1entry[V]]
 	windowCap, mainCap, protCap  int
 	freq                         *sketch
-	rng                          uint64   // for the sampling of protected hits in get
-	front                        mover    // lazy promotion in the protected segment: see l1.go
-	_                            [48]byte // 128 bytes: no two shards' counters share a cache line
+	front                        *mover // lazy promotion in the protected segment: see l1lazy.go
 }
 
-func newWTinyLFU[V any](size int) *wtinylfu[V] {
-	w := &wtinylfu[V]{freq: newSketch(size)}
+// newWTinyLFU returns a W-TinyLFU of size entries that counts its protected segment's moves in
+// front.
+func newWTinyLFU[V any](size int, front *mover) *wtinylfu[V] {
+	w := &wtinylfu[V]{freq: newSketch(size), front: front}
 	w.windowCap = max(size/100, 1)
 	w.mainCap = max(size-w.windowCap, 1)
 	w.protCap = w.mainCap * 8 / 10
-	w.front = newMover(w.protCap)
+	*w.front = newMover(w.protCap)
 	// The LRUs never evict by themselves: their capacities are past what the policy lets them hold.
 	w.window, _ = simplelru.NewLRU[uint64, *l1entry[V]](w.windowCap+1, nil)
 	w.probation, _ = simplelru.NewLRU[uint64, *l1entry[V]](w.mainCap+1, nil)
@@ -33,20 +35,27 @@ func newWTinyLFU[V any](size int) *wtinylfu[V] {
 }
 
 // get counts an access to the key with hash k in the sketch and returns its entry, promoting a
-// probation hit. A hit in the protected segment counts one time in 8, at random: counting is
-// most of a hit's cost (the sketch is too large for the core's cache), a key that is protected has
-// already shown its frequency, and its counters saturate at 15 anyway. Measured on the traces of
-// TestL1PolicyHitRatio: 86.96% against 86.87% counting every hit (Zipf), 56.86% against 56.63%
-// (scans), and a hit at golang-lru's cost instead of 1.37 times it.
+// probation hit. A hit in the protected segment counts only when the entry is due (see mover) and
+// not yet marked: once between two of its moves to the front, and the lock-free hits in
+// l1shard.hit count the same way. Counting is most of a hit's cost (the sketch is too large for
+// the core's cache) and needs the shard lock; a key that is protected has already shown its
+// frequency, and its counters saturate at 15 anyway. Measured on the traces of
+// TestL1PolicyHitRatio: 86.96% against 86.87% counting every hit (Zipf), 56.89% against 56.63%
+// (scans); counting one protected hit in 8 at random, as get did before hits went lock-free,
+// kept 86.96% and 56.86%.
+//
+// A due protected entry is marked rather than moved: demote moves a marked entry to the front
+// instead of demoting it. In a segment too small for lazy promotion, it moves at once.
 func (w *wtinylfu[V]) get(k uint64) (*l1entry[V], bool) {
 	if e, ok := w.protected.Peek(k); ok { // most entries, and most hits
-		if w.front.due(e.moved) { // lazy promotion, as in the LRU shards (l1.go)
-			w.protected.Get(k)
-			e.moved = w.front.count()
+		if !w.front.due(e.lastMove()) { // lazy promotion, as in the LRU shards (l1lazy.go)
+			return e, true
 		}
-		// A pseudo-random sample (a per-shard LCG, deterministic), so that no periodic pattern of
-		// keys can leave one key's hits never counted.
-		if w.rng = w.rng*6364136223846793005 + 1442695040888963407; w.rng>>61 == 0 {
+		if w.front.lazy == 0 {
+			w.protected.Get(k)
+			e.movedTo(w.front)
+			w.freq.increment(k)
+		} else if e.mark() {
 			w.freq.increment(k)
 		}
 		return e, true
@@ -58,15 +67,31 @@ func (w *wtinylfu[V]) get(k uint64) (*l1entry[V], bool) {
 	if e, ok := w.probation.Peek(k); ok {
 		w.probation.Remove(k)
 		w.protected.Add(k, e)
-		e.moved = w.front.count()
+		e.movedTo(w.front)
 		if w.protected.Len() > w.protCap {
-			if ok2, v, ok3 := w.protected.RemoveOldest(); ok3 {
-				w.probation.Add(ok2, v)
-			}
+			w.demote()
 		}
 		return e, true
 	}
 	return nil, false
+}
+
+// demote moves the protected segment's oldest entry to probation; a marked entry (hit while due,
+// see l1) moves to the front of protected instead, and the next oldest is considered, for one turn
+// of the segment at most.
+func (w *wtinylfu[V]) demote() {
+	for range w.protected.Len() {
+		k, e, ok := w.protected.GetOldest()
+		if !ok || !e.marked() {
+			break
+		}
+		w.protected.Get(k)
+		e.movedTo(w.front)
+	}
+	if k, e, ok := w.protected.RemoveOldest(); ok {
+		e.leftFront()
+		w.probation.Add(k, e)
+	}
 }
 
 // peek looks in the segments largest first: protected holds most entries, and most hits.
@@ -79,26 +104,29 @@ func (w *wtinylfu[V]) peek(k uint64) (*l1entry[V], bool) {
 	return nil, false
 }
 
-// add stores e for the hash k and reports how many entries it evicted. A hash already present is
-// updated in its segment; a new one enters the window.
-func (w *wtinylfu[V]) add(k uint64, e *l1entry[V]) (evicted int) {
+// add stores e for the hash k and returns the hash of the entry it evicted, if it did. A hash
+// already present is updated in its segment; a new one enters the window.
+func (w *wtinylfu[V]) add(k uint64, e *l1entry[V]) (evicted uint64, ok bool) {
 	for _, l := range [...]*simplelru.LRU[uint64, *l1entry[V]]{w.window, w.protected, w.probation} {
 		if l.Contains(k) {
 			l.Add(k, e) // to the front of its segment
 			if l == w.protected {
-				e.moved = w.front.count()
+				e.movedTo(w.front)
+			} else {
+				e.leftFront()
 			}
-			return 0
+			return 0, false
 		}
 	}
+	e.leftFront()
 	w.window.Add(k, e)
 	if w.window.Len() <= w.windowCap {
-		return 0
+		return 0, false
 	}
 	ck, ce, _ := w.window.RemoveOldest()
 	if w.probation.Len()+w.protected.Len() < w.mainCap {
 		w.probation.Add(ck, ce)
-		return 0
+		return 0, false
 	}
 	victims := w.probation
 	if victims.Len() == 0 {
@@ -108,8 +136,9 @@ func (w *wtinylfu[V]) add(k uint64, e *l1entry[V]) (evicted int) {
 	if w.freq.estimate(ck) > w.freq.estimate(vk) {
 		victims.Remove(vk)
 		w.probation.Add(ck, ce)
+		return vk, true
 	}
-	return 1 // the candidate or the victim
+	return ck, true
 }
 
 func (w *wtinylfu[V]) remove(k uint64) bool {
