@@ -157,30 +157,31 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		if usable {
 			detach()
 			rs, err := c.registerMany(ctx, []Key{k}, so.tags, c.maxL2TTL(so), false, []bool{read}, c.leases)
-			if err == nil {
-				err = rs[0].err
+			if len(rs) > 0 {
+				// A lease taken here is released by obtain, whatever else failed.
+				ls = leaseState{token: rs[0].lease, busy: rs[0].leaseBusy}
+				if err == nil {
+					err = rs[0].err
+				}
 			}
 			switch {
 			case err != nil: // failing, or refusing the bookkeeping (OOM at maxmemory with noeviction)
 				c.countL2Error(err)
+				if ls.busy { // Redis is failing: load here rather than wait on it
+					ls = leaseState{}
+				}
 			case rs[0].data == nil:
 				l2ok, absent, reg = true, read, rs[0].reg
-				ls = leaseState{token: rs[0].lease, busy: rs[0].leaseBusy}
 			default:
 				r := rs[0]
-				ls = leaseState{token: r.lease, busy: r.leaseBusy}
 				hit, usable := tryHit(r.data, r.reg.st.entityGen, true, r.reg.st.tags, false)
 				if hit {
-					if ls.token != "" {
+					if ls.token != "" && !ls.busy {
 						c.releaseLease(ctx, k, ls.token)
 					}
 					return
 				}
 				l2ok, reg = usable, r.reg
-				if !usable && ls.token != "" {
-					c.releaseLease(ctx, k, ls.token)
-					ls = leaseState{}
-				}
 			}
 		}
 	}
@@ -292,8 +293,9 @@ const (
 	failSafeMaxBackoff = 30 * time.Second
 )
 
-// leaseState is what a flight's registration learnt of k's lease: token is set when this flight
-// holds it; busy reports that another holder had it.
+// leaseState is what a flight's registration learnt of k's lease: token is the one it tried to
+// take the lease with; busy reports that it found the lease taken (by another holder, or by this
+// token through a retried SET); otherwise, with a token, the flight holds the lease.
 type leaseState struct {
 	token string
 	busy  bool
@@ -312,7 +314,7 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 	// held is the lease this load holds until its write releases it (or, if it makes none, the
 	// deferred release does).
 	var held *heldLease
-	if ls.token != "" {
+	if ls.token != "" && !ls.busy {
 		held = &heldLease{token: ls.token}
 	}
 	defer func() {
@@ -321,8 +323,15 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 		}
 	}()
 	if c.leases && l2ok && ls.busy {
-		for {
-			v, found, err := c.awaitLease(ctx, k, seq)
+		// A lease lives at most LockTTL: past that, whatever Redis says (it may not expire keys, or
+		// its clock may stall), this load goes ahead without one.
+		giveUp := time.Now().Add(c.lockTTL)
+		for token := ls.token; ; {
+			v, found, mine, err := c.awaitLease(ctx, k, seq, token, giveUp)
+			if mine {
+				held = &heldLease{token: token}
+				break
+			}
 			if found {
 				c.stats.lockWaits.Add(1)
 				return v, err
@@ -330,8 +339,11 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 			if err != nil {
 				return zero, c.loadFailed(k, err)
 			}
-			token, got, err := c.acquireLease(ctx, k)
-			if err != nil {
+			if !time.Now().Before(giveUp) {
+				break
+			}
+			var got bool
+			if token, got, err = c.acquireLease(ctx, k); err != nil {
 				break // Redis is failing: load without a lease
 			}
 			if got {
@@ -496,38 +508,43 @@ func (c *Cache[V]) releaseLease(ctx context.Context, k Key, token string) {
 }
 
 // awaitLease waits while another instance holds k's lease, polling Redis with a growing interval.
-// found reports that the value (or a remembered not-found) appeared; found false with a nil error
-// means the lease was released or expired without a value, and the caller should try to take it.
-func (c *Cache[V]) awaitLease(ctx context.Context, k Key, seq uint64) (v V, found bool, err error) {
+// found reports that the value (or a remembered not-found) appeared; mine, that the lease holds
+// token, this flight's own (its SET was retried after a lost reply, so it found itself holding
+// it); found and mine false with a nil error mean the lease was released or expired without a
+// value, and the caller should try to take it. At giveUp the wait ends as if the lease had gone.
+func (c *Cache[V]) awaitLease(ctx context.Context, k Key, seq uint64, token string, giveUp time.Time) (v V, found, mine bool, err error) {
 	rkey, genKey := c.l2.readKeys(k)
 	for wait := time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
 		select {
 		case <-ctx.Done():
-			return v, false, ctx.Err()
+			return v, false, false, ctx.Err()
 		case <-time.After(wait):
 		}
 		// Only a released lease means the holder is done: until then its write may still be taken
 		// back (its verify failed). So wait for the lease to go, then read the value.
-		var held *redis.IntCmd
+		var holder *redis.StringCmd
 		if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
-			held = p.Exists(ctx, c.leaseKey(k))
+			holder = p.Get(ctx, c.leaseKey(k))
 		}); err != nil {
-			return v, false, nil // Redis is failing: let the caller load
+			return v, false, false, nil // Redis is failing: let the caller load
 		}
-		if held.Val() != 0 {
+		switch h, err := holder.Result(); {
+		case err == nil && h == token:
+			return v, false, true, nil
+		case err == nil && time.Now().Before(giveUp):
 			continue
 		}
 		data, g, gok, err := c.readWithGen(ctx, k, rkey, genKey)
 		if err != nil && !errors.Is(err, redis.Nil) {
-			return v, false, nil
+			return v, false, false, nil
 		}
 		if err == nil {
 			if e, err := c.decodeChecked(ctx, k, rkey, data, g, gok, nil); err == nil && e.exp > preciseNow() {
 				c.fillL1(k, e, seq)
 				v, err := c.result(e)
-				return v, true, err
+				return v, true, false, err
 			}
 		}
-		return v, false, nil // released without a value: the caller takes the lease
+		return v, false, false, nil // released without a value: the caller takes the lease
 	}
 }

@@ -35,7 +35,13 @@ func metaV(id string, version int) ImageMeta {
 // eventually polls f until it returns nil or a second passes, and fails with f's last error.
 func eventually(t *testing.T, f func() error) {
 	t.Helper()
-	deadline := time.Now().Add(time.Second)
+	eventuallyWithin(t, time.Second, f)
+}
+
+// eventuallyWithin is eventually with a deadline of d.
+func eventuallyWithin(t *testing.T, d time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
 	for {
 		err := f()
 		if err == nil {

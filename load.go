@@ -268,8 +268,8 @@ type registered struct {
 	reg  registration
 	data []byte // the value, when it was read and is there
 	err  error  // this key's registration or read failed
-	// lease is the token of the key's lease, when registerMany was asked to take it and did;
-	// leaseBusy reports that another holder has it.
+	// lease is the token registerMany tried to take the key's lease with; leaseBusy reports that
+	// the lease was found taken, by another holder or by this token itself.
 	lease     string
 	leaseBusy bool
 }
@@ -278,7 +278,8 @@ type registered struct {
 // one GET per key whose get is set, and one GET of the pattern epoch; with lease, also a SET NX of
 // each key's lease. err is set when the pipeline as a whole failed (Redis unreachable, the breaker
 // open, the epoch unreadable); a key whose own commands failed (a script refused at maxmemory) has
-// its registered.err set.
+// its registered.err set. With lease, the result holds each key's lease even when err is set, so
+// that the caller releases what it may hold.
 func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, ttl time.Duration, bumpDelete bool, get []bool, lease bool) ([]registered, error) {
 	bump := "0"
 	if bumpDelete {
@@ -320,24 +321,29 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 		return nil, err
 	}
 	scripts.retry(ctx, c.l2)
+	rs := make([]registered, len(ks))
+	if lease {
+		for i := range rs {
+			// A lease is taken or not whatever else failed, and the caller must release one it
+			// took. Without a reply the outcome is unknown: the lease may have been taken, so the
+			// token is kept for a release (which deletes only a lease that holds it).
+			switch err := leaseCmds[i].Err(); {
+			case err == nil || !isReply(err):
+				rs[i].lease = tokens[i]
+			case errors.Is(err, redis.Nil):
+				// NX: another holder has it, or this very token does (go-redis retried the SET
+				// after a lost reply); the wait tells them apart.
+				rs[i].lease, rs[i].leaseBusy = tokens[i], true
+			}
+		}
+	}
 	epoch, err := epochCmd.Result()
 	if err != nil && !errors.Is(err, redis.Nil) {
-		return nil, err
+		return rs, err
 	}
-	rs := make([]registered, len(ks))
 	for i := range ks {
 		r := &rs[i]
 		r.reg.epoch = epoch
-		if lease {
-			// Taken or not, the outcome is known only from a reply; without one the caller loads
-			// without a lease, as when Redis fails.
-			switch err := leaseCmds[i].Err(); {
-			case err == nil:
-				r.lease = tokens[i]
-			case errors.Is(err, redis.Nil): // NX: another holder has it
-				r.leaseBusy = true
-			}
-		}
 		if r.reg.st.entityGen, r.reg.d, r.err = metaReply(entityCmds[i]); r.err != nil {
 			continue
 		}

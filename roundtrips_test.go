@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // calls returns rt's calls since the last take, without a new connection's handshake.
@@ -151,5 +152,55 @@ func TestNoScriptRetryKeepsTheBreakerClosed(t *testing.T) {
 	}
 	if c.l2.brk.open() {
 		t.Error("NOSCRIPT replies opened the breaker")
+	}
+}
+
+// A lease that nobody will release (its holder died, or the reply of its release was lost) and
+// that Redis does not expire (miniredis's clock stands still) holds a load back for LockTTL, not
+// for ever.
+func TestOrphanedLeaseHoldsLoadsBackForLockTTLAtMost(t *testing.T) {
+	e := newMiniEnv(t)
+	o := e.opts()
+	o.LockTTL = 100 * time.Millisecond
+	c := newCache[ImageMeta](e, o)
+	k := NewKey("artist", "orphan")
+	if err := e.rdb.Set(ctx, c.leaseKey(k), "someone-else", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	v, err := c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("orphan", 1), nil })
+	if err != nil || v.ETag != `"orphan-v1"` {
+		t.Fatalf("GetOrLoad = %s, %v", v.ETag, err)
+	}
+	if d := time.Since(start); d < o.LockTTL || d > 2*time.Second {
+		t.Errorf("GetOrLoad took %v, want about LockTTL (%v)", d, o.LockTTL)
+	}
+}
+
+// A flight whose lease SET was retried after a lost reply finds the lease holding its own token:
+// it is the holder, and loads, instead of waiting on itself.
+func TestLeaseHeldByOwnTokenIsTheFlights(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.LockTTL = time.Minute // a wait on itself would outlast the test
+	c := newCache[ImageMeta](e, o)
+	k := NewKey("artist", "own")
+	const token = "0123456789abcdef"
+	if err := e.rdb.Set(ctx, c.leaseKey(k), token, time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	giveUp := time.Now().Add(time.Minute)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, found, mine, err := c.awaitLease(ctx, k, c.inv.of(k), token, giveUp)
+		if !mine || found || err != nil {
+			t.Errorf("awaitLease = found %v, mine %v, %v; want mine", found, mine, err)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the flight waited on its own lease")
 	}
 }
