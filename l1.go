@@ -380,19 +380,21 @@ func (l *l1[V]) purge() {
 	}
 }
 
+// hashesLocked returns the hashes of the shard's entries, as its policy holds them.
+func (s *l1shard[V]) hashesLocked() []uint64 {
+	if s.w != nil {
+		return s.w.keys()
+	}
+	return s.lru.Keys()
+}
+
 // removeIf drops every entry that matches; it walks the whole L1 and suits rare invalidations.
 func (l *l1[V]) removeIf(match func(Key, *l1entry[V]) bool) int {
 	n := 0
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
-		var hashes []uint64
-		if s.w != nil {
-			hashes = s.w.keys()
-		} else {
-			hashes = s.lru.Keys()
-		}
-		for _, h := range hashes {
+		for _, h := range s.hashesLocked() {
 			if e, ok := s.peekHash(h); ok && match(e.key, e) && s.removeLocked(e.key) {
 				n++
 			}

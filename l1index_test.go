@@ -20,12 +20,7 @@ func checkInStep(t *testing.T, l *l1[int], universe []Key) {
 	for i := range l.shards {
 		s := &l.shards[i]
 		s.mu.Lock()
-		var hashes []uint64
-		if s.w != nil {
-			hashes = s.w.keys()
-		} else {
-			hashes = s.lru.Keys()
-		}
+		hashes := s.hashesLocked()
 		policy := map[uint64]*l1entry[int]{}
 		for _, h := range hashes {
 			e, _ := s.peekHash(h)
