@@ -416,7 +416,8 @@ func (l *l1[V]) counts() (hits, evictions, entries uint64) {
 }
 
 // The coarse clock: one goroutine for the whole process, running while at least one Cache is open,
-// stores the monotonic time every clockTick. An L1 hit reads it with one atomic load instead of
+// stores the monotonic time every clockTick and closes the Done channels of Redis calls whose
+// deadlines have passed (deadline.go). An L1 hit reads it with one atomic load instead of
 // calling time.Now, which costs about as much as the whole LRU lookup.
 const (
 	clockTick = time.Millisecond
@@ -449,6 +450,7 @@ func acquireClock() {
 		return
 	}
 	clockNow.Store(preciseNow())
+	deadlineTicks.setRunning(true)
 	stop, done := make(chan struct{}), make(chan struct{})
 	clockStop, clockDone = stop, done
 	go func() {
@@ -458,7 +460,9 @@ func acquireClock() {
 		for {
 			select {
 			case <-t.C:
-				clockNow.Store(preciseNow())
+				now := preciseNow()
+				clockNow.Store(now)
+				deadlineTicks.expire(now)
 			case <-stop:
 				return
 			}
@@ -473,6 +477,7 @@ func releaseClock() {
 	if clockRefs > 0 {
 		return
 	}
+	deadlineTicks.setRunning(false)
 	close(clockStop)
 	<-clockDone
 }

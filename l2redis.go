@@ -35,12 +35,25 @@ func (l *l2) call(ctx context.Context, f func(ctx context.Context) error) error 
 	// A caller's deadline shorter than a tenth of L2Timeout says little about Redis when it passes:
 	// such a call does not count for the breaker. A longer one does: a healthy Redis answers in
 	// well under a millisecond.
+	now := preciseNow()
+	deadline := now + int64(l.timeout)
+	var cctx context.Context
 	short := false
-	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < l.timeout/10 {
-		short = true
+	if dl, ok := ctx.Deadline(); ok {
+		d := int64(dl.Sub(clockEpoch))
+		short = d-now < int64(l.timeout/10)
+		if d <= deadline {
+			cctx = ctx // the caller's deadline comes first: it bounds the call alone
+		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, l.timeout)
-	defer cancel()
+	if cctx == nil {
+		cctx = newCallCtx(ctx, deadline)
+	}
+	if cctx == nil { // every Cache is closed: no clock goroutine would end the call's waits
+		var cancel context.CancelFunc
+		cctx, cancel = context.WithTimeout(ctx, l.timeout)
+		defer cancel()
+	}
 	err := f(cctx)
 	if cerr := ctx.Err(); errors.Is(cerr, context.Canceled) || (cerr != nil && short) {
 		l.brk.abandon()
@@ -87,9 +100,10 @@ func (l *l2) key(k Key) string { return l.prefix + k.String() }
 // one allocation: a read needs both.
 func (l *l2) readKeys(k Key) (rkey, genKey string) {
 	var buf [256]byte
-	b := k.appendString(append(buf[:0], l.prefix...))
+	e, id, params := k.parts()
+	b := appendKeyString(append(buf[:0], l.prefix...), e, id, params)
 	n := len(b)
-	s := string(l.appendEntityGen(b, k.Entity(), k.ID()))
+	s := string(l.appendEntityGen(b, e, id))
 	return s[:n], s[n:]
 }
 
