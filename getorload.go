@@ -114,8 +114,7 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		// the value being refreshed); a stale one is kept for the fail-safe. usable is false when
 		// checking the value's stamp failed on a Redis error.
 		tryHit := func(data []byte, g uint64, gok bool, known []tagGen, record bool) (hit, usable bool) {
-			e, err := c.decodeChecked(ctx, k, rkey, data, g, gok, known)
-			fresh := err == nil && e.exp > preciseNow()
+			e, fresh, err := c.decodeChecked(ctx, k, rkey, data, g, gok, known)
 			if record {
 				c.guard.record(ctx, fresh)
 			}
@@ -539,7 +538,7 @@ func (c *Cache[V]) awaitLease(ctx context.Context, k Key, seq uint64, token stri
 			return v, false, false, nil
 		}
 		if err == nil {
-			if e, err := c.decodeChecked(ctx, k, rkey, data, g, gok, nil); err == nil && e.exp > preciseNow() {
+			if e, fresh, _ := c.decodeChecked(ctx, k, rkey, data, g, gok, nil); fresh {
 				c.fillL1(k, e, seq)
 				v, err := c.result(e)
 				return v, true, false, err

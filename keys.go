@@ -171,8 +171,19 @@ func (k Key) String() string {
 
 // appendString appends String's form of a valid key to b.
 func (k Key) appendString(b []byte) []byte {
+	e, id, params := k.parts()
+	return appendKeyString(b, e, id, params)
+}
+
+// parts returns a valid key's entity, id and canonical parameters.
+func (k Key) parts() (entity, id, params string) {
 	head, params := k.split()
-	e, id, _ := strings.Cut(head, "\x00")
+	entity, id, _ = strings.Cut(head, "\x00")
+	return entity, id, params
+}
+
+// appendKeyString appends String's form of the key with these parts to b.
+func appendKeyString(b []byte, e, id, params string) []byte {
 	var sum [8]byte
 	h := xxhash.Sum64String(params)
 	for i := 7; i >= 0; i-- {
@@ -242,26 +253,36 @@ func hasControl(s string) bool {
 // mustEscape reports whether b is written as %XX in a Redis key. ':' separates the key's parts, '%'
 // introduces an escape, the glob characters would make an id a pattern, '{' and '}' would make part
 // of an id a Redis Cluster hash tag.
-func mustEscape(b byte) bool {
-	switch b {
-	case ':', '%', '*', '?', '[', ']', '\\', '^', '{', '}', ' ', 0x7f:
-		return true
+func mustEscape(b byte) bool { return escapeTable[b] }
+
+var escapeTable = func() (t [256]bool) {
+	for b := range 0x20 {
+		t[b] = true
 	}
-	return b < 0x20
-}
+	for _, b := range []byte(":%*?[]\\^{} \x7f") {
+		t[b] = true
+	}
+	return t
+}()
 
 const upperHex = "0123456789ABCDEF"
 
+// appendEscaped appends s to b with mustEscape's bytes as %XX. Every read builds its Redis keys with
+// it, so the runs between escapes, usually all of s, are copied whole.
 func appendEscaped(b []byte, s string) []byte {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if mustEscape(c) {
-			b = append(b, '%', upperHex[c>>4], upperHex[c&15])
-		} else {
-			b = append(b, c)
+	for {
+		i := 0
+		for i < len(s) && !escapeTable[s[i]] {
+			i++
 		}
+		b = append(b, s[:i]...)
+		if i == len(s) {
+			return b
+		}
+		c := s[i]
+		b = append(b, '%', upperHex[c>>4], upperHex[c&15])
+		s = s[i+1:]
 	}
-	return b
 }
 
 // unescape reverses appendEscaped; it reports false for input appendEscaped cannot produce.

@@ -40,8 +40,7 @@ func (c *Cache[V]) readL2(ctx context.Context, k Key) (e *l1entry[V], ok, failed
 		c.countL2Error(err)
 		return nil, false, true
 	}
-	e, err = c.decodeChecked(ctx, k, rkey, data, g, gok, nil)
-	fresh := err == nil && e.exp > preciseNow()
+	e, fresh, err := c.decodeChecked(ctx, k, rkey, data, g, gok, nil)
 	c.guard.record(ctx, fresh)
 	if !fresh {
 		c.l2.debug(ctx, "GET", rkey, "MISS")
@@ -108,20 +107,20 @@ var (
 // generations: the entity's (g, gok: missing means invalid) and its tags', read now unless known
 // already holds them. An unreadable value is deleted and counted; a stale one is counted. Both are
 // misses. GetMany runs the same steps (decodeValue, stampStale, finishEntry) over many values, with
-// one read of all their tags' generations.
-func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data []byte, g uint64, gok bool, known []tagGen) (*l1entry[V], error) {
-	e := new(l1entry[V])
+// one read of all their tags' generations. fresh reports whether the entry has not expired.
+func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data []byte, g uint64, gok bool, known []tagGen) (e *l1entry[V], fresh bool, err error) {
+	e = new(l1entry[V])
 	env, err := c.decodeValue(ctx, k, data, e)
 	if err != nil {
 		c.delUnreadable(ctx, rkey, data)
-		return nil, err
+		return nil, false, err
 	}
 	stale, missing := stampStale(env, g, gok, known, nil, nil)
 	if !stale && len(missing) > 0 {
 		cur, err := c.tagGenerations(ctx, missing)
 		if err != nil {
 			c.countL2Error(err)
-			return nil, errL2Call
+			return nil, false, errL2Call
 		}
 		stale, missing = stampStale(env, g, gok, known, cur, missing[:0])
 		stale = stale || len(missing) > 0 // a missing meta hash: evicted or expired
@@ -129,10 +128,11 @@ func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data [
 	if stale {
 		c.stats.l2Stale.Add(1)
 		c.delUnreadable(ctx, rkey, data)
-		return nil, errStale
+		return nil, false, errStale
 	}
-	c.finishEntry(e, env, data, preciseNow(), time.Now().UnixMilli())
-	return e, nil
+	now := preciseNow()
+	c.finishEntry(e, env, data, now, time.Now().UnixMilli())
+	return e, e.exp > now, nil
 }
 
 // decodeValue checks data's envelope and decodes its payload into e.val. An unreadable value is
