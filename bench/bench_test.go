@@ -324,6 +324,22 @@ func BenchmarkKeyBuild(b *testing.B) {
 // no LocalCache, and the floor, a go-redis GET and a decode of the same bytes.
 func BenchmarkL2Hit(b *testing.B) {
 	rdb := redisClient(b)
+	ic, peers := l2HitPeers(b, rdb)
+	for _, g := range goroutineCounts(1, 4, 16, 64) {
+		for _, p := range peers {
+			b.Run(fmt.Sprintf("g=%d/%s", g, p.name), func(b *testing.B) {
+				countCommands(b, rdb, func() { drive(b, g, p.get) })
+			})
+		}
+	}
+	if n := ic.Stats().L2Errors; n > 0 {
+		b.Errorf("imgcache counted %d Redis errors", n)
+	}
+}
+
+// l2HitPeers stores the hit keys in Redis for imgcache (with no L1), go-redis/cache (with no
+// LocalCache) and the floor, and returns their reads, imgcache's first.
+func l2HitPeers(b *testing.B, rdb *redis.Client) (*imgcache.Cache[meta], []peer) {
 	ks := hitSet()
 	ctx := context.Background()
 	ic := newImgcache(b, rdb, -1)
@@ -342,7 +358,7 @@ func BenchmarkL2Hit(b *testing.B) {
 	if _, err := pipe.Exec(ctx); err != nil {
 		b.Fatal(err)
 	}
-	peers := []peer{
+	return ic, []peer{
 		{"imgcache", func(i int) bool { _, err := ic.Get(ctx, ks.Keys[i]); return err == nil }},
 		{"go-redis-cache", func(i int) bool {
 			var m meta
@@ -357,16 +373,6 @@ func BenchmarkL2Hit(b *testing.B) {
 			return m.UnmarshalBinary(data) == nil
 		}},
 	}
-	for _, g := range goroutineCounts(1, 4, 16, 64) {
-		for _, p := range peers {
-			b.Run(fmt.Sprintf("g=%d/%s", g, p.name), func(b *testing.B) {
-				countCommands(b, rdb, func() { drive(b, g, p.get) })
-			})
-		}
-	}
-	if n := ic.Stats().L2Errors; n > 0 {
-		b.Errorf("imgcache counted %d Redis errors", n)
-	}
 }
 
 // batchSize is how many keys one batched read asks for.
@@ -377,6 +383,23 @@ const batchSize = 100
 // each. go-redis/cache has no batch read. ns/key is the time per key.
 func BenchmarkGetMany(b *testing.B) {
 	rdb := redisClient(b)
+	ic, peers := getManyPeers(b, rdb)
+	for _, g := range goroutineCounts(1, 64) {
+		for _, p := range peers {
+			b.Run(fmt.Sprintf("g=%d/%s", g, p.name), func(b *testing.B) {
+				countCommands(b, rdb, func() { drive(b, g, p.get) })
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*batchSize), "ns/key")
+			})
+		}
+	}
+	if n := ic.Stats().L2Errors; n > 0 {
+		b.Errorf("imgcache counted %d Redis errors", n)
+	}
+}
+
+// getManyPeers stores the hit keys in Redis for imgcache (with no L1) and the floor, and returns
+// their batch reads, imgcache's first: get(j) reads batch j (mod the number of batches).
+func getManyPeers(b *testing.B, rdb *redis.Client) (*imgcache.Cache[meta], []peer) {
 	ks := hitSet()
 	ctx := context.Background()
 	ic := newImgcache(b, rdb, -1)
@@ -398,7 +421,7 @@ func BenchmarkGetMany(b *testing.B) {
 			raw[j] = append(raw[j], rawKey(ks.Strs[i]))
 		}
 	}
-	peers := []peer{
+	return ic, []peer{
 		{"imgcache-GetMany", func(j int) bool {
 			j %= batches
 			_, found, err := ic.GetMany(ctx, ks.Keys[j*batchSize:(j+1)*batchSize])
@@ -427,47 +450,17 @@ func BenchmarkGetMany(b *testing.B) {
 			return true
 		}},
 	}
-	for _, g := range goroutineCounts(1, 64) {
-		for _, p := range peers {
-			b.Run(fmt.Sprintf("g=%d/%s", g, p.name), func(b *testing.B) {
-				countCommands(b, rdb, func() { drive(b, g, p.get) })
-				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*batchSize), "ns/key")
-			})
-		}
-	}
-	if n := ic.Stats().L2Errors; n > 0 {
-		b.Errorf("imgcache counted %d Redis errors", n)
-	}
 }
 
 // BenchmarkGetOrLoadHit: GetOrLoad (go-redis/cache: Once) of a key that is cached. "l1" rows hit
 // the local level; "l2" rows have none (imgcache L1Size -1, go-redis/cache without LocalCache) and
 // hit Redis.
 func BenchmarkGetOrLoadHit(b *testing.B) {
-	ks := hitSet()
-	ctx := context.Background()
 	rdb := maybeRedis(b)
 	var loads atomic.Int64
 	level := func(name string, ic *imgcache.Cache[meta], grc *rediscache.Cache) {
-		icGet := func(i int) bool {
-			_, err := ic.GetOrLoad(ctx, ks.Keys[i], func(context.Context) (meta, error) {
-				loads.Add(1)
-				return ks.Metas[i], nil
-			})
-			return err == nil
-		}
-		grcGet := func(i int) bool {
-			var m meta
-			return grc.Once(&rediscache.Item{Ctx: ctx, Key: grcKey(ks.Strs[i]), Value: &m, TTL: time.Hour,
-				Do: func(*rediscache.Item) (any, error) { loads.Add(1); return ks.Metas[i], nil }}) == nil
-		}
-		for i := range hitKeys {
-			if !icGet(i) || !grcGet(i) {
-				b.Fatal("GetOrLoad failed")
-			}
-		}
-		loads.Store(0)
-		for _, p := range []peer{{"imgcache", icGet}, {"go-redis-cache", grcGet}} {
+		peers := getOrLoadPeers(b, ic, grc, &loads)
+		for _, p := range peers {
 			b.Run(name+"/g=1/"+p.name, func(b *testing.B) {
 				if rdb != nil {
 					countCommands(b, rdb, func() { drive(b, 1, p.get) })
@@ -484,6 +477,39 @@ func BenchmarkGetOrLoadHit(b *testing.B) {
 	if rdb != nil {
 		level("l2", newImgcache(b, rdb, -1), newGoRedisCache(rdb, false, false))
 	}
+}
+
+// getOrLoadPeers fills imgcache and go-redis/cache with the hit keys through their GetOrLoad (Once)
+// and returns those calls, imgcache's first; a load after the fill adds to loads.
+func getOrLoadPeers(b *testing.B, ic *imgcache.Cache[meta], grc *rediscache.Cache, loads *atomic.Int64) []peer {
+	ks := hitSet()
+	ctx := context.Background()
+	icGet := func(i int) bool {
+		_, err := ic.GetOrLoad(ctx, ks.Keys[i], func(context.Context) (meta, error) {
+			loads.Add(1)
+			return ks.Metas[i], nil
+		})
+		return err == nil
+	}
+	grcGet := func(i int) bool {
+		var m meta
+		return grc.Once(&rediscache.Item{Ctx: ctx, Key: grcKey(ks.Strs[i]), Value: &m, TTL: time.Hour,
+			Do: func(*rediscache.Item) (any, error) { loads.Add(1); return ks.Metas[i], nil }}) == nil
+	}
+	for i := range hitKeys {
+		if !icGet(i) || !grcGet(i) {
+			b.Fatal("GetOrLoad failed")
+		}
+	}
+	loads.Store(0)
+	return []peer{{"imgcache", icGet}, {"go-redis-cache", grcGet}}
+}
+
+// grcLoad is go-redis/cache's GetOrLoad of s, a miss: Once with a loader that returns value.
+func grcLoad(ctx context.Context, c *rediscache.Cache, s string, value meta) error {
+	var m meta
+	return c.Once(&rediscache.Item{Ctx: ctx, Key: grcKey(s), Value: &m, TTL: 5 * time.Minute,
+		Do: func(*rediscache.Item) (any, error) { return value, nil }})
 }
 
 // missKeys returns n keys never used before in this process.
@@ -530,11 +556,7 @@ func BenchmarkMissLoad(b *testing.B) {
 		})
 	}
 	grcOnce := func(c *rediscache.Cache) func(imgcache.Key, string) error {
-		return func(_ imgcache.Key, s string) error {
-			var m meta
-			return c.Once(&rediscache.Item{Ctx: ctx, Key: grcKey(s), Value: &m, TTL: 5 * time.Minute,
-				Do: func(*rediscache.Item) (any, error) { return value, nil }})
-		}
+		return func(_ imgcache.Key, s string) error { return grcLoad(ctx, c, s, value) }
 	}
 
 	// In process only.
