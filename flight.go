@@ -29,20 +29,27 @@ type flight[V any] struct {
 // do returns the flight in progress for k, or starts one that runs start in a new goroutine; joined
 // reports whether the flight was already running. It returns ErrClosed once close has been called.
 func (g *flightGroup[V]) do(k Key, start func(*flight[V])) (f *flight[V], joined bool, err error) {
-	return g.doMaybeInline(k, start, false)
+	f, joined, err = g.begin(k)
+	if err == nil && !joined {
+		go func() {
+			defer g.wg.Done()
+			start(f)
+		}()
+	}
+	return f, joined, err
 }
 
-// doMaybeInline is do, but with inline set a new flight runs in the calling goroutine, before
-// doMaybeInline returns. That saves the handoff to another goroutine and back (about 20us of thread
-// wake-ups on a busy 2-core machine) for a caller who has no reason to leave early.
-func (g *flightGroup[V]) doMaybeInline(k Key, start func(*flight[V]), inline bool) (f *flight[V], joined bool, err error) {
+// begin returns the flight in progress for k (joined), or a new one that the caller must run,
+// publish and release, and then call g.wg.Done: close waits for it. A caller who runs the flight in
+// its own goroutine saves the handoff to another goroutine and back (about 20us of thread wake-ups
+// on a busy 2-core machine). It returns ErrClosed once close has been called.
+func (g *flightGroup[V]) begin(k Key) (f *flight[V], joined bool, err error) {
 	g.mu.Lock()
+	defer g.mu.Unlock()
 	if g.closed {
-		g.mu.Unlock()
 		return nil, false, ErrClosed
 	}
 	if f, ok := g.m[k]; ok && !g.outdatedLocked(k, f) {
-		g.mu.Unlock()
 		return f, true, nil
 	}
 	if g.m == nil {
@@ -54,16 +61,6 @@ func (g *flightGroup[V]) doMaybeInline(k Key, start func(*flight[V]), inline boo
 	}
 	g.m[k] = f
 	g.wg.Add(1)
-	g.mu.Unlock()
-	if inline {
-		defer g.wg.Done()
-		start(f)
-		return f, false, nil
-	}
-	go func() {
-		defer g.wg.Done()
-		start(f)
-	}()
 	return f, false, nil
 }
 

@@ -44,14 +44,24 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, k Key, load func(context.Conte
 			return c.result(e)
 		}
 	}
-	// A caller whose context can never end (ctx.Done() is nil) has no reason to leave before the load
-	// does, so its flight runs in its own goroutine; any other caller's runs detached.
-	f, joined, err := c.flights.doMaybeInline(k, func(f *flight[V]) { c.runFlight(ctx, k, f, load, so, nil) }, ctx.Done() == nil)
-	if err != nil {
+	f, joined, err := c.flights.begin(k)
+	switch {
+	case err != nil:
 		return zero, err
-	}
-	if joined {
+	case joined:
 		c.stats.coalesced.Add(1)
+	case ctx.Done() == nil:
+		// A caller whose context can never end has no reason to leave before the load does, so
+		// its flight runs in its own goroutine; any other caller's runs detached.
+		func() {
+			defer c.flights.wg.Done()
+			c.runFlight(ctx, k, f, load, so, nil)
+		}()
+	default:
+		go func() {
+			defer c.flights.wg.Done()
+			c.runFlight(ctx, k, f, load, so, nil)
+		}()
 	}
 	select {
 	case <-f.done:
@@ -71,8 +81,11 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	// A flight that Redis answers needs no cancellation beyond its read's L2Timeout, so the context
 	// Close cancels is made (detach) only when the flight goes on to register and load: an L2 hit
 	// spares its allocations.
-	ctx := context.WithoutCancel(callerCtx)
-	cancel, stop := context.CancelFunc(func() {}), func() bool { return false }
+	ctx := callerCtx
+	if ctx.Done() != nil { // a context that can never end needs no detaching (and costs nothing)
+		ctx = context.WithoutCancel(callerCtx)
+	}
+	cancel, stop := context.CancelFunc(noCancel), noStop // package funcs: a literal here would allocate
 	detached := false
 	detach := func() {
 		if !detached {
@@ -213,10 +226,12 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		err error
 	}
 	done := make(chan result, 1)
-	go func() {
-		v, err := obtain()
+	// The goroutine gets its own copies: a closure that outlives this frame would move every
+	// variable it shares with the flight to the heap, on the hit path too.
+	go func(ctx context.Context, reg registration, ls leaseState, l2ok, absent bool) {
+		v, err := c.obtain(ctx, k, load, so, reg, ls, l2ok, absent, seq)
 		done <- result{v, err}
-	}()
+	}(ctx, reg, ls, l2ok, absent)
 	t := time.NewTimer(c.softTimeout)
 	defer t.Stop()
 	select {
@@ -236,16 +251,19 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		// flight), so the waiting moves to another.
 		handedOff = true
 		c.flights.wg.Add(1) // this flight holds the group open: no race with close's Wait
-		go func() {
+		go func(stale *l1entry[V], stop func() bool, cancel context.CancelFunc) {
 			defer c.flights.wg.Done()
 			r := <-done
 			c.failSafe(k, stale, r.v, r.err, seq)
 			stop()
 			cancel()
 			c.flights.release(k, f)
-		}()
+		}(stale, stop, cancel)
 	}
 }
+
+func noCancel()    {}
+func noStop() bool { return false }
 
 // failSafe returns the load's result, or, when the load failed and a stale value is at hand, the
 // stale value (usedStale), which it also puts back in L1 for a growing backoff so that the load is
