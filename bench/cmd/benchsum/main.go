@@ -1,7 +1,8 @@
 // Command benchsum reads `go test -bench` output (several rounds, any order), and prints, for each
 // benchmark row, the median and the range of every metric, with imgcache's median ns/op over each
 // peer's. Rows are named <Benchmark>/.../<peer>; the rows that share everything but the peer are
-// one operation. It can also write the summary as JSON for cmd/plot.
+// one operation. A row that reports an imgcache/peer metric (BenchmarkPaired) shows that ratio,
+// taken in one loop, instead. It can also write the summary as JSON for cmd/plot.
 //
 //	go run ./cmd/benchsum -json results/summary.json results/raw.txt
 package main
@@ -139,7 +140,10 @@ func main() {
 		}
 		for _, r := range rs {
 			ratio := "-"
-			if r.Peer != "imgcache" && ref > 0 {
+			switch paired, ok := r.Median["imgcache/peer"]; {
+			case ok: // a BenchmarkPaired row: the ratio of the two operations timed in one loop
+				ratio = fmt.Sprintf("%.2fx paired (%.2f-%.2f)", paired, r.Min["imgcache/peer"], r.Max["imgcache/peer"])
+			case r.Peer != "imgcache" && ref > 0:
 				ratio = fmt.Sprintf("%.2fx", ref/r.Median["ns/op"])
 			}
 			var other []string
