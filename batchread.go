@@ -235,7 +235,8 @@ func (c *Cache[V]) newL2Read(keys []Key) l2Read {
 		ends = append(ends, b.Len())
 	}
 	for _, i := range gens {
-		b.Write(c.l2.appendEntityGen(scratch[:0], keys[i].Entity(), keys[i].ID()))
+		e, id, _ := keys[i].parts()
+		b.Write(c.l2.appendEntityGen(scratch[:0], e, id))
 		ends = append(ends, b.Len())
 	}
 	all := b.String()

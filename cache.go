@@ -43,7 +43,8 @@ type Options struct {
 	TTL time.Duration
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both levels. 0 means 30 s.
 	NegativeTTL time.Duration
-	// L2Timeout is the budget of one Redis call. 0 means 100 ms.
+	// L2Timeout is the budget of one Redis call, waits for a pooled connection included. 0 means
+	// 100 ms.
 	L2Timeout time.Duration
 	// Codec encodes values for Redis. Nil means the default: V's own binary encoding when it has one
 	// (ImageMeta does), encoding/json otherwise. See Codec.

@@ -51,7 +51,10 @@
 //
 // Every Redis call has its own deadline, Options.L2Timeout (100 ms by default), whatever the
 // caller's context allows; this needs a go-redis client with ContextTimeoutEnabled, and New refuses
-// one without it. A Redis that is down, slow or erroring never fails a read that L1 or the loader can
+// one without it. The deadline bounds the socket, the dial and go-redis's waits for a pooled
+// connection and between retries; it is a value, not a timer per call. A caller's earlier deadline
+// ends the call sooner; a caller's cancellation is checked before the call and after it, not during
+// a wait (which ends by L2Timeout anyway). A Redis that is down, slow or erroring never fails a read that L1 or the loader can
 // answer: Get and GetOrLoad treat its errors as misses and count them in [Stats].L2Errors. A value
 // in Redis that does not decode (another codec, another format version, corruption, larger than
 // Options.MaxValueSize) is a miss, is deleted from Redis, and is counted in Stats.L2Unreadable. Set
