@@ -32,9 +32,10 @@ import (
 //   - An LRU with fewer than lazyFraction entries per shard is exact: every hit moves its entry
 //     under the lock.
 //
-// On the traces of TestL1PolicyHitRatio, W-TinyLFU keeps the hit ratios it had with a lock per hit
-// (86.96% on Zipf, 56.89% with scans, against 86.96% and 56.86%), and the second chance makes
-// PolicyLRU keep more than it did (84.47% and 51.93%, against 84.18% and 51.82%).
+// On the traces of TestL1PolicyHitRatio (before the doorkeeper), W-TinyLFU kept the hit ratios it
+// had with a lock per hit (86.96% on Zipf, 56.89% with scans, against 86.96% and 56.86%), and the
+// second chance makes PolicyLRU keep more than it did (84.47% and 51.93%, against 84.18% and
+// 51.82%).
 //
 // Hits used to take the shard's lock, for the lookup and the policy's update in one critical
 // section: two atomic operations per hit, and hits on a shard took turns, so two goroutines were

@@ -118,3 +118,42 @@ func TestTinyLFUStoreBehaves(t *testing.T) {
 		t.Errorf("InvalidatePattern left %d entries", s.L1Entries)
 	}
 }
+
+// TestL1RecoversFromScan: one pass over ten times the cache's size, the hottest keys first (a cold
+// start that loads every key once), must not flush the cache. The doorkeeper turns each pass key
+// away at its first request for admission, so the hottest keys, admitted while the cache was
+// filling, stay. Without it, halving the sketch gave the newcomers the edge: 48% of the hot keys
+// were left, and the Zipf workload that follows hit 77.7% over its first 50,000 lookups.
+func TestL1RecoversFromScan(t *testing.T) {
+	c, err := New[int](Options{L1Size: 10_000, L1TTL: 1 << 40})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	keys := make([]Key, 100_000)
+	for i := range keys {
+		keys[i] = NewKey("k", fmt.Sprint(i))
+	}
+	load := func(context.Context) (int, error) { return 1, nil }
+	for _, k := range keys { // the pass: key i is the i-th most popular of the Zipf trace below
+		_, _ = c.GetOrLoad(context.Background(), k, load)
+	}
+	kept := 0
+	for _, k := range keys[:10_000] {
+		if c.l1.shard(k).index.Load().find(k) != nil {
+			kept++
+		}
+	}
+	if kept < 9_000 {
+		t.Errorf("after the pass L1 holds %d of the 10,000 hottest keys, want at least 9,000", kept)
+	}
+	before := c.Stats().L1Hits
+	for _, i := range zipfTrace(7)[:50_000] {
+		_, _ = c.GetOrLoad(context.Background(), keys[i], load)
+	}
+	if got := float64(c.Stats().L1Hits-before) / 50_000; got < 0.85 {
+		t.Errorf("hit ratio over the first 50,000 Zipf lookups after the pass: %.2f%%, want at least 85%%", 100*got)
+	}
+	t.Logf("%d of the 10,000 hottest keys kept; %.2f%% hits over the next 50,000 lookups", kept,
+		100*float64(c.Stats().L1Hits-before)/50_000)
+}
