@@ -82,7 +82,7 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	// Close cancels is made (detach) only when the flight goes on to register and load: an L2 hit
 	// spares its allocations.
 	ctx := callerCtx
-	if ctx.Done() != nil { // a context that can never end needs no detaching (and costs nothing)
+	if _, ok := ctx.Deadline(); ok || ctx.Done() != nil { // one that can never end needs no detaching
 		ctx = context.WithoutCancel(callerCtx)
 	}
 	cancel, stop := context.CancelFunc(noCancel), noStop // package funcs: a literal here would allocate
