@@ -262,7 +262,8 @@ func contains(ss []string, s string) bool {
 }
 
 // genValue is an entity's generation as read with a batch: ok is false when the generation key is
-// missing (every value of the entity then reads as invalid); failed when it could not be read.
+// missing or malformed (every value of the entity then reads as invalid); failed when it could not
+// be read.
 type genValue struct {
 	gen        uint64
 	ok, failed bool
@@ -272,9 +273,9 @@ func parseGen(reply any) genValue {
 	switch v := reply.(type) {
 	case nil:
 		return genValue{}
-	case string:
+	case string: // a malformed generation reads as a missing one: its values are invalid
 		g, err := strconv.ParseUint(v, 10, 64)
-		return genValue{gen: g, ok: err == nil, failed: err != nil}
+		return genValue{gen: g, ok: err == nil}
 	}
 	return genValue{failed: true}
 }

@@ -690,3 +690,78 @@ func TestTagBookkeepingDropsExpiredMembers(t *testing.T) {
 		t.Errorf("InvalidateTags left %s in Redis", e.redisKey(k))
 	}
 }
+
+// TestEntityGenerationSurvivesInvalidation: generations start at random values past 2^53, where a
+// Lua number (a double) loses digits and prints in exponent form. An invalidation that wrote the
+// new generation through a Lua number left "3.0444194110504044e+18" in the generation key, and
+// every later read of the entity failed to parse it: a Redis error instead of a hit (the soak
+// counted about 1,700 of them a minute).
+func TestEntityGenerationSurvivesInvalidation(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1 // every read goes to Redis
+	c := newCache[ImageMeta](e, o)
+	k := NewKey("artist", "7").With("type", "avatar")
+	for round := range 3 {
+		if err := c.Set(ctx, k, metaV("7", round)); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.InvalidateEntity(ctx, "artist", "7"); err != nil {
+			t.Fatal(err)
+		}
+		_, genKey := c.l2.readKeys(k)
+		if g, err := e.rdb.Get(ctx, genKey).Result(); err == nil {
+			if _, perr := strconv.ParseUint(g, 10, 64); perr != nil {
+				t.Fatalf("round %d: generation key holds %q, not an integer", round, g)
+			}
+		}
+		if err := c.Set(ctx, k, metaV("7", round)); err != nil {
+			t.Fatal(err)
+		}
+		if v, err := c.Get(ctx, k); err != nil || v.ETag != metaV("7", round).ETag {
+			t.Fatalf("round %d: Get after invalidating and setting again = %v, %v", round, v, err)
+		}
+	}
+	if n := c.Stats().L2Errors; n != 0 {
+		t.Errorf("%d L2 errors, want 0", n)
+	}
+}
+
+// TestMalformedGenerationReadsAsMissing: a generation key that does not parse (an older version's
+// invalidation wrote "1.6998026639623291e+18") makes the entity's values invalid, as a missing one
+// does, not a Redis error; the next load's registration writes a proper generation again.
+func TestMalformedGenerationReadsAsMissing(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1
+	c := newCache[ImageMeta](e, o)
+	k := NewKey("artist", "8").With("type", "avatar")
+	if err := c.Set(ctx, k, metaV("8", 1)); err != nil {
+		t.Fatal(err)
+	}
+	_, genKey := c.l2.readKeys(k)
+	if err := e.rdb.Set(ctx, genKey, "1.6998026639623291e+18", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(ctx, k); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get with a malformed generation = %v, want ErrNotFound", err)
+	}
+	if vs, found, err := c.GetMany(ctx, []Key{k}); err != nil || found[0] {
+		t.Fatalf("GetMany with a malformed generation = %v, %v, %v; want not found", vs, found, err)
+	}
+	load, loads := countingLoader(metaV("8", 2), nil)
+	if v, err := c.GetOrLoad(ctx, k, load); err != nil || v.ETag != metaV("8", 2).ETag || loads.Load() != 1 {
+		t.Fatalf("GetOrLoad = %v, %v after %d loads; want the loaded value", v, err, loads.Load())
+	}
+	if g, err := e.rdb.Get(ctx, genKey).Result(); err != nil {
+		t.Fatalf("generation key after the load: %v", err)
+	} else if _, err := strconv.ParseUint(g, 10, 64); err != nil {
+		t.Fatalf("generation key after the load holds %q, want an integer", g)
+	}
+	if v, err := c.Get(ctx, k); err != nil || v.ETag != metaV("8", 2).ETag {
+		t.Fatalf("Get after the load = %v, %v; want the loaded value", v, err)
+	}
+	if n := c.Stats().L2Errors; n != 0 {
+		t.Errorf("%d L2 errors, want 0", n)
+	}
+}

@@ -267,8 +267,12 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 	if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCR', KEYS[2]) end
 	return {}
 end
-local g = redis.call('HINCRBY', KEYS[1], 'g', 1)
+redis.call('HINCRBY', KEYS[1], 'g', 1)
 redis.call('HINCRBY', KEYS[1], 'd', 1)
+-- The new generation as Redis's string: HINCRBY's reply is a Lua number, a double, which loses
+-- digits past 2^53 (generations start at random values up to 2^62) and passed to SET would be
+-- written in exponent form.
+local g = redis.call('HGET', KEYS[1], 'g')
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('SET', KEYS[2], g, 'KEEPTTL') end
 local members = {}
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do

@@ -57,7 +57,7 @@ func (c *Cache[V]) readL2(ctx context.Context, k Key) (e *l1entry[V], ok, failed
 
 // readWithGen reads a value and its entity's current generation in one round trip: one MGET on a
 // single Redis, a pipeline of two GETs on a Cluster (the keys are in different slots). It returns
-// redis.Nil when the value is absent; gok is false when the generation is missing.
+// redis.Nil when the value is absent; gok is false when the generation is missing or malformed.
 func (c *Cache[V]) readWithGen(ctx context.Context, k Key, rkey, genKey string) (data []byte, g uint64, gok bool, err error) {
 	var vals [2]any
 	if single, ok := c.l2.rdb.(*redis.Client); ok {
@@ -90,10 +90,11 @@ func (c *Cache[V]) readWithGen(ctx context.Context, k Key, rkey, genKey string) 
 		return nil, 0, false, redis.Nil
 	}
 	if gs, ok := vals[1].(string); ok {
-		if g, err = strconv.ParseUint(gs, 10, 64); err != nil {
-			return nil, 0, false, err
-		}
-		gok = true
+		// A malformed generation (invalidateScript once wrote one in exponent form) reads as a
+		// missing one: the value is invalid, and the miss's registration rewrites it.
+		var perr error
+		g, perr = strconv.ParseUint(gs, 10, 64)
+		gok = perr == nil
 	}
 	return []byte(s), g, gok, nil
 }
