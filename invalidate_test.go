@@ -697,10 +697,7 @@ func TestTagBookkeepingDropsExpiredMembers(t *testing.T) {
 // every later read of the entity failed to parse it: a Redis error instead of a hit (the soak
 // counted about 1,700 of them a minute).
 func TestEntityGenerationSurvivesInvalidation(t *testing.T) {
-	e := newEnv(t)
-	o := e.opts()
-	o.L1Size = -1 // every read goes to Redis
-	c := newCache[ImageMeta](e, o)
+	e, c := redisOnlyCache(t)
 	k := NewKey("artist", "7").With("type", "avatar")
 	for round := range 3 {
 		if err := c.Set(ctx, k, metaV("7", round)); err != nil {
@@ -731,10 +728,7 @@ func TestEntityGenerationSurvivesInvalidation(t *testing.T) {
 // invalidation wrote "1.6998026639623291e+18") makes the entity's values invalid, as a missing one
 // does, not a Redis error; the next load's registration writes a proper generation again.
 func TestMalformedGenerationReadsAsMissing(t *testing.T) {
-	e := newEnv(t)
-	o := e.opts()
-	o.L1Size = -1
-	c := newCache[ImageMeta](e, o)
+	e, c := redisOnlyCache(t)
 	k := NewKey("artist", "8").With("type", "avatar")
 	if err := c.Set(ctx, k, metaV("8", 1)); err != nil {
 		t.Fatal(err)
@@ -764,4 +758,12 @@ func TestMalformedGenerationReadsAsMissing(t *testing.T) {
 	if n := c.Stats().L2Errors; n != 0 {
 		t.Errorf("%d L2 errors, want 0", n)
 	}
+}
+
+// redisOnlyCache is a test's Cache with no L1: every read goes to Redis.
+func redisOnlyCache(t *testing.T) (*testEnv, *Cache[ImageMeta]) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1
+	return e, newCache[ImageMeta](e, o)
 }
