@@ -1,6 +1,10 @@
 package imgcache
 
-import "sync/atomic"
+import (
+	"sync/atomic"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
+)
 
 // Lazy promotion: an LRU hit marks its entry to be moved to the front only if at least a quarter
 // of the list's capacity has been moved in front of it since it was last moved; an entry nearer the
@@ -60,15 +64,20 @@ func (e *l1entry[V]) mark() bool {
 func (e *l1entry[V]) marked() bool { return atomic.LoadUint32(&e.ref) != 0 }
 
 // secondChanceLocked moves the marked entries at the end of the LRU to its front, clearing their
-// marks, so that the entry the next Add evicts is one that was not hit while due. It stops after a
-// full turn, as hits may mark entries again meanwhile.
-func (s *l1shard[V]) secondChanceLocked() {
-	for range s.lru.Len() {
-		h, e, ok := s.lru.GetOldest()
+// marks, so that the entry the next Add evicts is one that was not hit while due.
+func (s *l1shard[V]) secondChanceLocked() { secondChance(s.lru, &s.front) }
+
+// secondChance moves the marked entries at the end of lru to its front, counting the moves in
+// front and clearing the marks, until its oldest entry is unmarked. It stops after a full turn, as
+// hits may mark entries again meanwhile. The LRU shards run it before an eviction, W-TinyLFU's
+// protected segment before a demotion.
+func secondChance[V any](lru *simplelru.LRU[uint64, *l1entry[V]], front *mover) {
+	for range lru.Len() {
+		h, e, ok := lru.GetOldest()
 		if !ok || !e.marked() {
 			return
 		}
-		s.lru.Get(h)
-		e.movedTo(&s.front)
+		lru.Get(h)
+		e.movedTo(front)
 	}
 }

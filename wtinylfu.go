@@ -80,14 +80,7 @@ func (w *wtinylfu[V]) get(k uint64) (*l1entry[V], bool) {
 // see l1) moves to the front of protected instead, and the next oldest is considered, for one turn
 // of the segment at most.
 func (w *wtinylfu[V]) demote() {
-	for range w.protected.Len() {
-		k, e, ok := w.protected.GetOldest()
-		if !ok || !e.marked() {
-			break
-		}
-		w.protected.Get(k)
-		e.movedTo(w.front)
-	}
+	secondChance(w.protected, w.front)
 	if k, e, ok := w.protected.RemoveOldest(); ok {
 		e.leftFront()
 		w.probation.Add(k, e)
