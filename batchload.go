@@ -150,7 +150,7 @@ func (c *Cache[V]) registerBatch(ctx context.Context, keys []Key, fs []*flight[V
 		default:
 			l2ok[i], regs[i] = true, rs[j].reg
 			rkey := c.l2.key(k)
-			e, fresh, err := c.decodeChecked(ctx, k, rkey, rs[j].data, rs[j].reg.st.entityGen, true, rs[j].reg.st.tags)
+			e, fresh, err := c.decodeChecked(ctx, k, rkey, rs[j].data, rs[j].reg.st.entityGen, true, rs[j].reg.st.tags, trustNone)
 			c.guard.record(ctx, fresh)
 			if fresh {
 				c.l2.debug(ctx, "GET", rkey, "HIT")

@@ -22,14 +22,27 @@ import (
 // key had before the read, and calls hit(i, e) for each fresh value e of keys[i]; e is valid only
 // during the call. With StaleTTL, values past their TTL are returned in stale, for a load's
 // fail-safe. Failures are misses.
+//
+// Entities whose generations this instance trusts (gens.go) have no generation key in the MGET. A
+// value whose stamp differs from a trusted generation is read again, with the others like it, in
+// one more round trip that trusts nothing.
 func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32, e *l1entry[V])) (stale []*l1entry[V]) {
+	if c.l2 == nil {
+		if c.staleTTL > 0 {
+			stale = make([]*l1entry[V], len(keys))
+		}
+		return stale
+	}
+	return c.readL2ManyTrusting(ctx, keys, hit, trustTags)
+}
+
+// readL2ManyTrusting is readL2Many with the generations it may trust: tr is trustTags for a first
+// read, trustNone for the read again of values that a trusted generation could not vouch for.
+func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(i int32, e *l1entry[V]), tr trust) (stale []*l1entry[V]) {
 	if c.staleTTL > 0 {
 		stale = make([]*l1entry[V], len(keys))
 	}
-	if c.l2 == nil {
-		return stale
-	}
-	r := c.newL2Read(keys)
+	r := c.newL2Read(keys, tr != trustNone)
 	if len(r.rd) == 0 {
 		return stale
 	}
@@ -43,10 +56,7 @@ func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32,
 		}
 		return stale
 	}
-	gens := make([]genValue, len(r.rkeys)-len(r.rd))
-	for x := range gens {
-		gens[x] = parseGen(res[len(r.rd)+x])
-	}
+	c.readGens(keys, &r, res)
 	// One clock reading for the batch: its values were read at one moment.
 	now, nowMs := preciseNow(), time.Now().UnixMilli()
 	// Without L1 or StaleTTL nothing keeps an entry past hit (a pending one waits in pending): one
@@ -67,6 +77,7 @@ func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32,
 	var tags, missing []string
 	var drop []int // values to delete from Redis (if unchanged): unreadable or stale
 	var dropData [][]byte
+	var retry []int32 // values stale against a trusted generation: to be read again (indexes in keys)
 	miss := func(j int, data []byte) {
 		c.guard.record(ctx, false)
 		c.l2.debug(ctx, "GET", r.rkeys[j], "MISS")
@@ -108,7 +119,7 @@ func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32,
 			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
 			continue
 		}
-		g := gens[r.gen[j]]
+		g := r.genv[r.gen[j]]
 		if g.failed { // unknown generation: the value cannot be checked
 			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
 			continue
@@ -127,6 +138,10 @@ func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32,
 		}
 		var old bool
 		if old, missing = stampStale(env, g.gen, g.ok, nil, nil, missing[:0]); old {
+			if g.trusted {
+				retry = append(retry, i)
+				continue
+			}
 			c.stats.l2Stale.Add(1)
 			miss(j, data)
 			continue
@@ -147,18 +162,32 @@ func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32,
 		finish(j, e, env, data)
 	}
 	if len(pending) > 0 {
-		cur, err := c.tagGenerations(ctx, tags)
-		if err != nil {
-			c.countL2Error(err)
+		var cur []tagGen
+		if tr != trustNone {
+			cur, tags = c.trustedTags(tags)
+		}
+		trustedTags := len(cur) > 0
+		var err error
+		if len(tags) > 0 {
+			var read []tagGen
+			read, err = c.tagGenerations(ctx, tags)
+			if err != nil {
+				c.countL2Error(err)
+			}
+			cur = append(cur, read...)
 		}
 		for _, p := range pending {
 			if err != nil {
 				miss(p.j, nil)
 				continue
 			}
-			g := gens[r.gen[p.j]]
+			g := r.genv[r.gen[p.j]]
 			old, left := stampStale(p.env, g.gen, g.ok, cur, nil, missing[:0])
 			if old || len(left) > 0 { // a moved generation, or a missing meta hash
+				if g.trusted || trustedTags {
+					retry = append(retry, r.rd[p.j])
+					continue
+				}
 				c.stats.l2Stale.Add(1)
 				miss(p.j, p.data)
 				continue
@@ -176,32 +205,53 @@ func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32,
 			c.countL2Error(err)
 		}
 	}
+	if len(retry) > 0 {
+		again := make([]Key, len(retry))
+		for x, i := range retry {
+			again[x] = keys[i]
+			head, _ := keys[i].split()
+			c.gens.forget(head)
+		}
+		st := c.readL2ManyTrusting(ctx, again, func(x int32, e *l1entry[V]) { hit(retry[x], e) }, trustNone)
+		for x, e := range st {
+			if e != nil {
+				stale[retry[x]] = e
+			}
+		}
+	}
 	return stale
 }
 
 // l2Read is one batch read's plan: MGET args ("mget", then the Redis keys rkeys), which are the
-// values of keys[rd[j]] for j < len(rd), then their entities' generation keys, each once; gen[j]
-// is the index of value j's generation key after the values, and seqs[j] (with L1 on) its key's
-// invalidation sequence, read before the read (see fillL1).
+// values of keys[rd[j]] for j < len(rd), then the generation keys of their entities that this
+// instance does not trust (gens.go), each once. gen[j] is the index in genv of value j's entity,
+// whose generation is trusted or read from the generation key after the values; seqs[j] (with L1
+// on) is its key's invalidation sequence, read before the read (see fillL1).
 type l2Read struct {
 	rd    []int32
 	gen   []int32
 	seqs  []uint64
 	rkeys []string
 	args  []any
+	// genv[x] is the x-th entity's generation; first[x] is the index in keys of its first key.
+	// genRead[y] is the entity whose generation key is the y-th after the values, and genSeq[y] its
+	// invalidation sequence before the read.
+	genv    []genValue
+	first   []int32
+	genRead []int32
+	genSeq  []uint64
 }
 
-// newL2Read plans the read of keys. Every Redis key is written into one buffer and cut from it.
-func (c *Cache[V]) newL2Read(keys []Key) l2Read {
+// newL2Read plans the read of keys, trusting the generations this instance trusts if trusting.
+// Every Redis key is written into one buffer and cut from it.
+func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 	var r l2Read
 	r.rd = make([]int32, 0, len(keys))
 	if c.l1 != nil {
 		r.seqs = make([]uint64, 0, len(keys))
 	}
-	// Each entity's generation key once: gens[x] is the index in keys of the first key of the x-th
-	// entity.
 	r.gen = make([]int32, 0, len(keys))
-	gens := make([]int32, 0, len(keys))
+	r.first = make([]int32, 0, len(keys))
 	t := newHashIndex(len(keys))
 	size := 0 // without escapes; the buffer grows if there are any
 	for i, k := range keys {
@@ -213,11 +263,21 @@ func (c *Cache[V]) newL2Read(keys []Key) l2Read {
 			r.seqs = append(r.seqs, c.inv.of(k))
 		}
 		head, _ := k.split()
-		x := t.slot(xxhash.Sum64String(head), func(x int32) bool { h, _ := keys[gens[x]].split(); return h == head })
+		x := t.slot(xxhash.Sum64String(head), func(x int32) bool { h, _ := keys[r.first[x]].split(); return h == head })
 		if *x == 0 {
-			gens = append(gens, int32(i))
-			*x = int32(len(gens))
-			size += len(c.l2.prefix) + len(head) + len("%g:{}")
+			r.first = append(r.first, int32(i))
+			*x = int32(len(r.first))
+			var g uint64
+			ok := false
+			if trusting {
+				g, ok = c.trustedGen(head)
+			}
+			r.genv = append(r.genv, genValue{gen: g, ok: ok, trusted: ok})
+			if !ok {
+				r.genRead = append(r.genRead, *x-1)
+				r.genSeq = append(r.genSeq, c.inv.of(k))
+				size += len(c.l2.prefix) + len(head) + len("%g:{}")
+			}
 		}
 		r.gen = append(r.gen, *x-1)
 		size += len(c.l2.prefix) + len(head) + len(":0123456789abcdef")
@@ -228,14 +288,14 @@ func (c *Cache[V]) newL2Read(keys []Key) l2Read {
 	var b strings.Builder // its String does not copy the buffer
 	b.Grow(size)
 	var scratch [256]byte
-	ends := make([]int, 0, len(r.rd)+len(gens))
+	ends := make([]int, 0, len(r.rd)+len(r.genRead))
 	for _, i := range r.rd {
 		b.WriteString(c.l2.prefix)
 		b.Write(keys[i].appendString(scratch[:0]))
 		ends = append(ends, b.Len())
 	}
-	for _, i := range gens {
-		e, id, _ := keys[i].parts()
+	for _, x := range r.genRead {
+		e, id, _ := keys[r.first[x]].parts()
 		b.Write(c.l2.appendEntityGen(scratch[:0], e, id))
 		ends = append(ends, b.Len())
 	}
@@ -252,6 +312,20 @@ func (c *Cache[V]) newL2Read(keys []Key) l2Read {
 	return r
 }
 
+// readGens takes the generations read with the values (res, the MGET's replies) into genv, and
+// trusts those it found.
+func (c *Cache[V]) readGens(keys []Key, r *l2Read, res []any) {
+	for y, x := range r.genRead {
+		g := parseGen(res[len(r.rd)+y])
+		r.genv[x] = g
+		if g.ok {
+			k := keys[r.first[x]]
+			head, _ := k.split()
+			c.trustGen(head, g.gen, r.genSeq[y], func() uint64 { return c.inv.of(k) })
+		}
+	}
+}
+
 func contains(ss []string, s string) bool {
 	for _, x := range ss {
 		if x == s {
@@ -261,12 +335,13 @@ func contains(ss []string, s string) bool {
 	return false
 }
 
-// genValue is an entity's generation as read with a batch: ok is false when the generation key is
-// missing or malformed (every value of the entity then reads as invalid); failed when it could not
-// be read.
+// genValue is an entity's generation as read with a batch, or trusted: ok is false when the
+// generation key is missing or malformed (every value of the entity then reads as invalid); failed
+// when it could not be read.
 type genValue struct {
 	gen        uint64
 	ok, failed bool
+	trusted    bool // this instance trusts it (gens.go): it was not read with the batch
 }
 
 func parseGen(reply any) genValue {

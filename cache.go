@@ -43,6 +43,16 @@ type Options struct {
 	TTL time.Duration
 	// NegativeTTL is how long a loader's ErrNotFound is remembered, in both levels. 0 means 30 s.
 	NegativeTTL time.Duration
+	// GenerationTTL is how long an instance trusts a generation it has read from Redis: an entity's or
+	// a tag's (see the README's Invalidation section). While it does, a Redis read of a value of that
+	// entity, or with that tag, reads the value alone (a GET rather than an MGET with the entity's
+	// generation key; no second round trip for the tags'). Every invalidation reaches the trusted
+	// generations as it reaches L1: at once on the instance that runs it, through the bus on the
+	// others, and a resubscription forgets them all; so with L1 on, a value is never staler than L1
+	// already allows. 0 means L1TTL (its default without L1). Negative turns the trust off: every
+	// Redis read checks the current generations in Redis, so even an instance whose bus is down never
+	// reads a value invalidated before the read began.
+	GenerationTTL time.Duration
 	// L2Timeout is the budget of one Redis call, waits for a pooled connection included. 0 means
 	// 100 ms.
 	L2Timeout time.Duration
@@ -182,6 +192,9 @@ type Cache[V any] struct {
 	base   context.Context
 	cancel context.CancelFunc
 
+	// gens holds the generations this instance trusts (gens.go); nil without Redis or with
+	// GenerationTTL negative.
+	gens *trustedGens
 	// inv is bumped by every invalidation before it removes L1 entries; an L1 fill stores only if
 	// its key's sequence is unchanged since the fill began (see l1.addIf and invseq.go).
 	inv invalidations
@@ -224,7 +237,7 @@ func New[V any](opts Options) (*Cache[V], error) {
 	for _, d := range []struct {
 		name string
 		v    time.Duration
-	}{{"StaleTTL", opts.StaleTTL}, {"LoadTimeout", opts.LoadTimeout}, {"SoftLoadTimeout", opts.SoftLoadTimeout},
+	}{{"StaleTTL", opts.StaleTTL}, {"GenerationTTL", max(opts.GenerationTTL, 0)}, {"LoadTimeout", opts.LoadTimeout}, {"SoftLoadTimeout", opts.SoftLoadTimeout},
 		{"BreakerCooldown", opts.BreakerCooldown}, {"LockTTL", opts.LockTTL}} {
 		if d.v != 0 && d.v < time.Millisecond {
 			return nil, fmt.Errorf("imgcache: Options.%s is %v; it must be at least 1ms (or 0)", d.name, d.v)
@@ -286,6 +299,9 @@ func New[V any](opts Options) (*Cache[V], error) {
 			return nil, fmt.Errorf("imgcache: Options.L1Policy %d is not a Policy", opts.L1Policy)
 		}
 		c.l1 = newL1[V](orDefault(opts.L1Size, DefaultL1Size), opts.L1Policy)
+	}
+	if c.l2 != nil && opts.GenerationTTL >= 0 {
+		c.gens = newTrustedGens(max(opts.L1Size, DefaultL1Size), int64(orDefault(opts.GenerationTTL, c.l1TTL)))
 	}
 	c.base, c.cancel = context.WithCancel(context.Background())
 	c.flights.seq = c.inv.of

@@ -44,6 +44,14 @@
 // or pattern invalidation overtook, within a round trip or two, telling the other instances to drop
 // any copy they read in between (see invalidate.go).
 //
+// To check a stamp, a read from Redis needs the current generations. Each instance trusts those it
+// has read (with a value, or while registering one) for Options.GenerationTTL, L1TTL by default,
+// and then reads a value alone: one GET. The trust follows invalidations as L1 does: an invalidation
+// forgets it at once on its own instance and through the bus on the others, and a resubscription
+// forgets it all; so the staleness bound is L1's. A stamp that differs from a trusted generation is
+// read again with the generation key, so a missed message never turns a valid value into a miss.
+// With GenerationTTL negative every read checks the generations in Redis.
+//
 // Expiry is checked on read against a clock that one goroutine per process advances every
 // millisecond; nothing runs per entry.
 //

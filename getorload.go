@@ -122,12 +122,11 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	var ls leaseState
 	l2ok, absent := false, false // whether the load's result can be written to Redis; whether k was absent
 	if c.l2 != nil {
-		rkey, genKey := c.l2.readKeys(k)
-		// tryHit serves a value read from Redis if it is fresh (and, for an early refresh, newer than
-		// the value being refreshed); a stale one is kept for the fail-safe. usable is false when
-		// checking the value's stamp failed on a Redis error.
-		tryHit := func(data []byte, g uint64, gok bool, known []tagGen, record bool) (hit, usable bool) {
-			e, fresh, err := c.decodeChecked(ctx, k, rkey, data, g, gok, known)
+		rkey := c.l2.readKey(k)
+		// judge serves a value read from Redis and checked (decodeChecked) if it is fresh (and, for
+		// an early refresh, newer than the value being refreshed); a stale one is kept for the
+		// fail-safe. usable is false when checking the value's stamp failed on a Redis error.
+		judge := func(e *l1entry[V], fresh bool, err error, record bool) (hit, usable bool) {
 			if record {
 				c.guard.record(ctx, fresh)
 			}
@@ -144,24 +143,24 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 			c.l2.debug(ctx, "GET", rkey, "MISS")
 			return false, !errors.Is(err, errL2Call)
 		}
-		// First a plain read, as Get's: a hit costs one MGET and no bookkeeping. Only a miss
-		// registers, takes the lease and reads again, in one more round trip: another instance
-		// may have stored the value in between.
+		// First a plain read, as Get's: a hit costs one GET or MGET and no bookkeeping. Only a
+		// miss registers, takes the lease and reads again, in one more round trip: another
+		// instance may have stored the value in between.
 		read := !c.guard.skipRead()
 		usable := true
 		if read {
-			data, g, gok, err := c.readWithGen(ctx, k, rkey, genKey)
+			_, e, fresh, got, err := c.readChecked(ctx, k, seq)
 			switch {
-			case errors.Is(err, redis.Nil):
+			case !got && errors.Is(err, redis.Nil):
 				c.l2.debug(ctx, "GET", rkey, "MISS")
 				c.guard.record(ctx, false)
-			case err != nil:
+			case !got:
 				c.countL2Error(err)
 				c.l2.debug(ctx, "GET", rkey, "ERROR")
 				usable = false // Redis is failing: load without it
 			default:
 				var hit bool
-				if hit, usable = tryHit(data, g, gok, nil, true); hit {
+				if hit, usable = judge(e, fresh, err, true); hit {
 					return
 				}
 			}
@@ -186,7 +185,8 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 				l2ok, absent, reg = true, read, rs[0].reg
 			default:
 				r := rs[0]
-				hit, usable := tryHit(r.data, r.reg.st.entityGen, true, r.reg.st.tags, false)
+				e, fresh, err := c.decodeChecked(ctx, k, rkey, r.data, r.reg.st.entityGen, true, r.reg.st.tags, trustNone)
+				hit, usable := judge(e, fresh, err, false)
 				if hit {
 					if ls.token != "" && !ls.busy {
 						c.releaseLease(ctx, k, ls.token)
@@ -551,12 +551,12 @@ func (c *Cache[V]) awaitLease(ctx context.Context, k Key, seq uint64, token stri
 		case err == nil && time.Now().Before(giveUp):
 			continue
 		}
-		data, g, gok, err := c.readWithGen(ctx, k, rkey, genKey)
+		data, g, gok, err := c.readWithGen(ctx, rkey, genKey)
 		if err != nil && !errors.Is(err, redis.Nil) {
 			return v, false, false, nil
 		}
 		if err == nil {
-			if e, fresh, _ := c.decodeChecked(ctx, k, rkey, data, g, gok, nil); fresh {
+			if e, fresh, _ := c.decodeChecked(ctx, k, rkey, data, g, gok, nil, trustNone); fresh {
 				c.fillL1(k, e, seq)
 				v, err := c.result(e)
 				return v, true, false, err

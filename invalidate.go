@@ -389,6 +389,7 @@ func (c *Cache[V]) dropL1Written(k Key, wid uint64) {
 
 func (c *Cache[V]) dropL1Entity(entity, id string) {
 	c.inv.entity(entity, id)
+	c.gens.forget(entity + "\x00" + id)
 	if c.l1 != nil {
 		c.l1.removeIf(func(k Key, _ *l1entry[V]) bool { return k.Entity() == entity && k.ID() == id })
 	}
@@ -396,6 +397,7 @@ func (c *Cache[V]) dropL1Entity(entity, id string) {
 
 func (c *Cache[V]) dropL1Tags(tags []string) {
 	c.inv.all()
+	c.gens.forget(tags...)
 	if c.l1 != nil {
 		c.l1.removeIf(func(_ Key, e *l1entry[V]) bool {
 			for _, t := range e.tags {
@@ -419,6 +421,7 @@ func (c *Cache[V]) dropL1Pattern(p pattern) {
 
 func (c *Cache[V]) flushL1() {
 	c.inv.all()
+	c.gens.forgetAll()
 	if c.l1 != nil {
 		c.l1.purge()
 	}

@@ -726,9 +726,15 @@ func TestEntityGenerationSurvivesInvalidation(t *testing.T) {
 
 // TestMalformedGenerationReadsAsMissing: a generation key that does not parse (an older version's
 // invalidation wrote "1.6998026639623291e+18") makes the entity's values invalid, as a missing one
-// does, not a Redis error; the next load's registration writes a proper generation again.
+// does, not a Redis error; the next load's registration writes a proper generation again. The
+// generation is written behind the cache's back, with no bus message, so the cache must not trust
+// the one it read (GenerationTTL -1): every read reads the generation key.
 func TestMalformedGenerationReadsAsMissing(t *testing.T) {
-	e, c := redisOnlyCache(t)
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1
+	o.GenerationTTL = -1
+	c := newCache[ImageMeta](e, o)
 	k := NewKey("artist", "8").With("type", "avatar")
 	if err := c.Set(ctx, k, metaV("8", 1)); err != nil {
 		t.Fatal(err)

@@ -107,6 +107,22 @@ func (l *l2) readKeys(k Key) (rkey, genKey string) {
 	return s[:n], s[n:]
 }
 
+// readKey returns the Redis key of a valid k's value, as readKeys's first result.
+func (l *l2) readKey(k Key) string {
+	var buf [256]byte
+	e, id, params := k.parts()
+	return string(appendKeyString(append(buf[:0], l.prefix...), e, id, params))
+}
+
+// get reads one value: redis.Nil when it is absent.
+func (l *l2) get(ctx context.Context, rkey string) (data []byte, err error) {
+	err = l.call(ctx, func(ctx context.Context) error {
+		data, err = l.rdb.Get(ctx, rkey).Bytes()
+		return err
+	})
+	return data, err
+}
+
 // set writes val with its TTL in the same command (SET key val PX ms): there is no moment at which the
 // key exists without a TTL. The TTL is truncated to whole milliseconds, Redis's resolution.
 func (l *l2) set(ctx context.Context, rkey string, val []byte, ttl time.Duration) error {

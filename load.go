@@ -28,19 +28,17 @@ func (c *Cache[V]) readL2(ctx context.Context, k Key) (e *l1entry[V], ok, failed
 		return nil, false, false
 	}
 	seq := c.inv.of(k)
-	rkey, genKey := c.l2.readKeys(k)
-	data, g, gok, err := c.readWithGen(ctx, k, rkey, genKey)
+	rkey, e, fresh, got, err := c.readChecked(ctx, k, seq)
 	switch {
-	case errors.Is(err, redis.Nil):
+	case !got && errors.Is(err, redis.Nil):
 		c.l2.debug(ctx, "GET", rkey, "MISS")
 		c.guard.record(ctx, false)
 		return nil, false, false
-	case err != nil:
+	case !got:
 		c.l2.debug(ctx, "GET", rkey, "ERROR")
 		c.countL2Error(err)
 		return nil, false, true
 	}
-	e, fresh, err := c.decodeChecked(ctx, k, rkey, data, g, gok, nil)
 	c.guard.record(ctx, fresh)
 	if !fresh {
 		c.l2.debug(ctx, "GET", rkey, "MISS")
@@ -55,10 +53,69 @@ func (c *Cache[V]) readL2(ctx context.Context, k Key) (e *l1entry[V], ok, failed
 	return e, true, false
 }
 
+// readChecked reads k's value from Redis and checks its stamp (decodeChecked), seq being k's
+// invalidation sequence before the read. If this instance trusts the entity's generation (gens.go)
+// it reads the value alone; otherwise the value and the generation in one round trip, and it trusts
+// the generation from then on. A stamp that differs from a trusted generation is read again with
+// the current one.
+//
+// got reports that the read itself succeeded: if not, err is redis.Nil for an absent value or the
+// read's error, not yet counted. If so, e, fresh and err are decodeChecked's.
+func (c *Cache[V]) readChecked(ctx context.Context, k Key, seq uint64) (rkey string, e *l1entry[V], fresh, got bool, err error) {
+	head, _ := k.split()
+	g, trusted := c.trustedGen(head)
+	tr := trustTags
+	if trusted {
+		tr = trustAll
+	}
+	for {
+		var data []byte
+		gok := trusted
+		if trusted {
+			rkey = c.l2.readKey(k)
+			data, err = c.l2.get(ctx, rkey)
+		} else {
+			var genKey string
+			rkey, genKey = c.l2.readKeys(k)
+			data, g, gok, err = c.readWithGen(ctx, rkey, genKey)
+			if gok {
+				c.trustGen(head, g, seq, func() uint64 { return c.inv.of(k) })
+			}
+		}
+		if err != nil {
+			return rkey, nil, false, false, err
+		}
+		e, fresh, err = c.decodeChecked(ctx, k, rkey, data, g, gok, nil, tr)
+		if !errors.Is(err, errUntrusted) {
+			return rkey, e, fresh, true, err
+		}
+		c.gens.forget(head)
+		trusted, tr = false, trustNone
+	}
+}
+
+// trustedGen returns the generation of name (an entity's head or a tag) that this instance
+// trusts, if any: only while it is subscribed to the bus, which is what keeps the trust coherent.
+func (c *Cache[V]) trustedGen(name string) (uint64, bool) {
+	if c.gens == nil || !c.subscribed.Load() {
+		return 0, false
+	}
+	return c.gens.get(name)
+}
+
+// trustGen trusts g, read from Redis as name's generation when the invalidation sequence of name
+// was seq (cur reads it now), unless an invalidation has run since.
+func (c *Cache[V]) trustGen(name string, g, seq uint64, cur func() uint64) {
+	if c.gens != nil && c.subscribed.Load() {
+		c.gens.putIf(name, g, seq, cur)
+	}
+}
+
 // readWithGen reads a value and its entity's current generation in one round trip: one MGET on a
 // single Redis, a pipeline of two GETs on a Cluster (the keys are in different slots). It returns
-// redis.Nil when the value is absent; gok is false when the generation is missing or malformed.
-func (c *Cache[V]) readWithGen(ctx context.Context, k Key, rkey, genKey string) (data []byte, g uint64, gok bool, err error) {
+// redis.Nil when the value is absent, and the generation either way; gok is false when the
+// generation is missing or malformed.
+func (c *Cache[V]) readWithGen(ctx context.Context, rkey, genKey string) (data []byte, g uint64, gok bool, err error) {
 	var vals [2]any
 	if single, ok := c.l2.rdb.(*redis.Client); ok {
 		err = c.l2.call(ctx, func(ctx context.Context) error {
@@ -85,10 +142,6 @@ func (c *Cache[V]) readWithGen(ctx context.Context, k Key, rkey, genKey string) 
 	if err != nil {
 		return nil, 0, false, err
 	}
-	s, ok := vals[0].(string)
-	if !ok {
-		return nil, 0, false, redis.Nil
-	}
 	if gs, ok := vals[1].(string); ok {
 		// A malformed generation (invalidateScript once wrote one in exponent form) reads as a
 		// missing one: the value is invalid, and the miss's registration rewrites it.
@@ -96,20 +149,29 @@ func (c *Cache[V]) readWithGen(ctx context.Context, k Key, rkey, genKey string) 
 		g, perr = strconv.ParseUint(gs, 10, 64)
 		gok = perr == nil
 	}
+	s, ok := vals[0].(string)
+	if !ok {
+		return nil, g, gok, redis.Nil
+	}
 	return []byte(s), g, gok, nil
 }
 
 var (
 	errStale  = errors.New("value was written before an invalidation of its entity or tags")
 	errL2Call = errors.New("redis call failed")
+	// errUntrusted: a stamp did not match a trusted generation; the value must be read again with
+	// the current generations.
+	errUntrusted = errors.New("stamp differs from a trusted generation")
 )
 
 // decodeChecked decodes a value read from Redis and checks its stamp against the current
 // generations: the entity's (g, gok: missing means invalid) and its tags', read now unless known
-// already holds them. An unreadable value is deleted and counted; a stale one is counted. Both are
-// misses. GetMany runs the same steps (decodeValue, stampStale, finishEntry) over many values, with
-// one read of all their tags' generations. fresh reports whether the entry has not expired.
-func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data []byte, g uint64, gok bool, known []tagGen) (e *l1entry[V], fresh bool, err error) {
+// already holds them (or, as tr allows, this instance trusts them). An unreadable value is deleted
+// and counted; a stale one is counted. Both are misses. A stamp judged stale against a trusted
+// generation returns errUntrusted, with nothing deleted or counted: the caller reads it again.
+// GetMany runs the same steps (decodeValue, stampStale, finishEntry) over many values, with one read
+// of all their tags' generations. fresh reports whether the entry has not expired.
+func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data []byte, g uint64, gok bool, known []tagGen, tr trust) (e *l1entry[V], fresh bool, err error) {
 	e = new(l1entry[V])
 	env, err := c.decodeValue(ctx, k, data, e)
 	if err != nil {
@@ -117,16 +179,28 @@ func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data [
 		return nil, false, err
 	}
 	stale, missing := stampStale(env, g, gok, known, nil, nil)
+	trusted := tr == trustAll
 	if !stale && len(missing) > 0 {
-		cur, err := c.tagGenerations(ctx, missing)
-		if err != nil {
-			c.countL2Error(err)
-			return nil, false, errL2Call
+		var cur []tagGen
+		if tr != trustNone {
+			cur, missing = c.trustedTags(missing)
+			trusted = trusted || len(cur) > 0
+		}
+		if len(missing) > 0 {
+			read, err := c.tagGenerations(ctx, missing)
+			if err != nil {
+				c.countL2Error(err)
+				return nil, false, errL2Call
+			}
+			cur = append(cur, read...)
 		}
 		stale, missing = stampStale(env, g, gok, known, cur, missing[:0])
 		stale = stale || len(missing) > 0 // a missing meta hash: evicted or expired
 	}
 	if stale {
+		if trusted {
+			return nil, false, errUntrusted
+		}
 		c.stats.l2Stale.Add(1)
 		c.delUnreadable(ctx, rkey, data)
 		return nil, false, errStale
@@ -134,6 +208,30 @@ func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data [
 	now := preciseNow()
 	c.finishEntry(e, env, data, now, time.Now().UnixMilli())
 	return e, e.exp > now, nil
+}
+
+// trust says which generations a stamp check may take from this instance's trusted ones (gens.go)
+// rather than from Redis.
+type trust uint8
+
+const (
+	trustNone trust = iota // none: every generation is read from Redis (or given)
+	trustTags              // the tags'
+	trustAll               // the tags', and the entity's generation given is a trusted one
+)
+
+// trustedTags splits tags into those whose generations this instance trusts, returned with them,
+// and the rest, returned in tags' storage.
+func (c *Cache[V]) trustedTags(tags []string) (cur []tagGen, rest []string) {
+	rest = tags[:0]
+	for _, t := range tags {
+		if g, ok := c.trustedGen(t); ok {
+			cur = append(cur, tagGen{t, g})
+		} else {
+			rest = append(rest, t)
+		}
+	}
+	return cur, rest
 }
 
 // decodeValue checks data's envelope and decodes its payload into e.val. An unreadable value is
@@ -199,9 +297,10 @@ func lookupTag(gens []tagGen, tag []byte) (uint64, bool) {
 	return 0, false
 }
 
-// tagGenerations reads the current generations of tags; a tag whose meta hash is missing is left
-// out of the result.
+// tagGenerations reads the current generations of tags, and trusts them from then on; a tag whose
+// meta hash is missing is left out of the result.
 func (c *Cache[V]) tagGenerations(ctx context.Context, tags []string) ([]tagGen, error) {
+	seq := c.inv.global.Load() // what a tag invalidation bumps
 	cmds := make([]*redis.StringCmd, len(tags))
 	if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
 		for i, t := range tags {
@@ -219,6 +318,9 @@ func (c *Cache[V]) tagGenerations(ctx context.Context, tags []string) ([]tagGen,
 		if ok {
 			out = append(out, tagGen{tags[i], g})
 		}
+	}
+	for _, t := range out {
+		c.trustGen(t.tag, t.gen, seq, c.inv.global.Load)
 	}
 	return out, nil
 }
@@ -296,6 +398,13 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 	if lease {
 		leaseCmds, tokens = make([]*redis.StatusCmd, len(ks)), make([]string, len(ks))
 	}
+	// The generations the scripts return are current: trusted from then on (gens.go), unless an
+	// invalidation runs meanwhile.
+	seqs := make([]uint64, len(ks))
+	for i, k := range ks {
+		seqs[i] = c.inv.of(k)
+	}
+	tagSeq := c.inv.global.Load()
 	var scripts scriptCalls
 	ran := false
 	err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
@@ -348,6 +457,9 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 		if r.reg.st.entityGen, r.reg.d, r.err = metaReply(entityCmds[i]); r.err != nil {
 			continue
 		}
+		k := ks[i]
+		head, _ := k.split()
+		c.trustGen(head, r.reg.st.entityGen, seqs[i], func() uint64 { return c.inv.of(k) })
 		for j, cmd := range tagCmds[i*len(tags) : (i+1)*len(tags)] {
 			g, _, err := metaReply(cmd)
 			if err != nil {
@@ -355,6 +467,7 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 				break
 			}
 			r.reg.st.tags = append(r.reg.st.tags, tagGen{tags[j], g})
+			c.trustGen(tags[j], g, tagSeq, c.inv.global.Load)
 		}
 		if r.err == nil && getCmds[i] != nil {
 			if r.data, r.err = getCmds[i].Bytes(); errors.Is(r.err, redis.Nil) {

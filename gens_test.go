@@ -1,0 +1,325 @@
+package imgcache
+
+import (
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// A read that trusts its entity's generation reads the value alone: the first read of an entity is
+// an MGET of the value and its generation key, later reads a GET, whatever the key's parameters.
+// With GenerationTTL negative every read is an MGET.
+func TestTrustedGenerationReadsTheValueAlone(t *testing.T) {
+	e := newEnv(t)
+	writer := newCache[ImageMeta](e, e.opts())
+	k1 := NewKey("artist", "alone").With("size", "1")
+	k2 := NewKey("artist", "alone").With("size", "2")
+	for _, k := range []Key{k1, k2} {
+		if err := writer.Set(ctx, k, metaV("alone", 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		genTTL time.Duration
+		want   []string
+	}{
+		{"trusted", 0, []string{"mget", "get", "get"}},
+		{"untrusted", -1, []string{"mget", "mget", "mget"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := e.opts()
+			o.L1Size = -1 // every Get reads Redis
+			o.GenerationTTL = tc.genTTL
+			c, rt := countedCache(t, e, o)
+			rt.take()
+			for _, k := range []Key{k1, k2, k1} {
+				if v, err := c.Get(ctx, k); err != nil || v.ETag != `"alone-v1"` {
+					t.Fatalf("Get(%v) = %s, %v", k, v.ETag, err)
+				}
+			}
+			if names := calls(rt); !slices.Equal(names, tc.want) {
+				t.Errorf("three reads of one entity made the calls %q, want %q", names, tc.want)
+			}
+		})
+	}
+}
+
+// An invalidation reaches the generations an instance trusts as it reaches L1: on the instance
+// that runs it at once, on the others through the bus. A value written under the old generation
+// after the invalidation (as by a load that was in flight) is then not served.
+func TestInvalidationReachesTrustedGenerations(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		invalidate func(c *Cache[ImageMeta]) error
+	}{
+		{"entity", func(c *Cache[ImageMeta]) error { return c.InvalidateEntity(ctx, "artist", "trust") }},
+		{"tag", func(c *Cache[ImageMeta]) error { return c.InvalidateTags(ctx, "album:trust") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			o := e.opts()
+			o.L1Size = -1 // every Get reads Redis: only the generations are remembered
+			cs := instances(e, 2, o)
+			a, b := cs[0], cs[1]
+			k := NewKey("artist", "trust").With("size", "64")
+			if err := a.Set(ctx, k, metaV("trust", 1), WithTags("album:trust")); err != nil {
+				t.Fatal(err)
+			}
+			heard(t, b, 1)
+			for _, c := range cs {
+				if _, err := c.Get(ctx, k); err != nil {
+					t.Fatal(err)
+				}
+				if _, ok := c.trustedGen("artist\x00trust"); !ok {
+					t.Fatal("the entity's generation is not trusted after a read")
+				}
+				if _, ok := c.trustedGen("album:trust"); !ok {
+					t.Fatal("the tag's generation is not trusted after a read")
+				}
+			}
+			old := e.raw(k)
+			restore := func() {
+				t.Helper()
+				if err := e.rdb.Set(ctx, e.redisKey(k), old, time.Minute).Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := tc.invalidate(a); err != nil {
+				t.Fatal(err)
+			}
+			restore()
+			if err := wantMiss(a, k)(); err != nil {
+				t.Errorf("the invalidating instance: %v", err)
+			}
+			restore()
+			eventually(t, wantMiss(b, k))
+			for _, c := range cs {
+				if n := c.Stats().L2Stale; n != 1 {
+					t.Errorf("L2Stale = %d, want 1", n)
+				}
+			}
+		})
+	}
+}
+
+// A value written under a generation newer than the one this instance trusts (the invalidation's
+// message has not arrived) is read again with its generation key and served; the new generation is
+// trusted from then on. Nothing counts as stale.
+func TestStampNewerThanTrustedGenerationIsReadAgain(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1
+	c, rt := countedCache(t, e, o)
+	k := NewKey("artist", "newer")
+	if err := c.Set(ctx, k, metaV("newer", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	// Another instance's invalidation, unheard: the generation moves in Redis only.
+	if err := e.rdb.HIncrBy(ctx, c.l2.entityMeta("artist", "newer"), "g", 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.Incr(ctx, c.l2.entityGen("artist", "newer")).Err(); err != nil {
+		t.Fatal(err)
+	}
+	other := newCache[ImageMeta](e, e.opts())
+	if err := other.Set(ctx, k, metaV("newer", 2)); err != nil {
+		t.Fatal(err)
+	}
+	// The Set's own message moves k's invalidation sequence; a read it overtook would not trust
+	// what it read, so let it arrive first.
+	heard(t, c, 1)
+	rt.take()
+	for range 2 {
+		if err := wantETag(c, k, `"newer-v2"`)(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if names := calls(rt); !slices.Equal(names, []string{"get", "mget", "get"}) {
+		t.Errorf("calls %q, want a GET, the MGET that reads the generation, then a GET", names)
+	}
+	if s := c.Stats(); s.L2Stale != 0 || s.L2Hits != 3 {
+		t.Errorf("L2Stale %d, L2Hits %d; want 0 and 3", s.L2Stale, s.L2Hits)
+	}
+}
+
+// GetMany leaves trusted generations out of its MGET, and reads a value whose stamp differs from a
+// trusted generation again, in one more MGET with the generation key.
+func TestGetManyTrustsGenerations(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1
+	c, rt := countedCache(t, e, o)
+	ks := []Key{NewKey("artist", "m1"), NewKey("artist", "m2"), NewKey("artist", "m3")}
+	writer := newCache[ImageMeta](e, e.opts())
+	for _, k := range ks {
+		if err := writer.Set(ctx, k, metaV(k.ID(), 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	heard(t, c, 3)
+	mgetSizes := func() []int {
+		_, cs := rt.take()
+		var n []int
+		for _, call := range cs {
+			for _, args := range call {
+				if fmt.Sprint(args[0]) == "mget" {
+					n = append(n, len(args)-1)
+				}
+			}
+		}
+		return n
+	}
+
+	rt.take()
+	wantGetMany(t, c, ks, `"m1-v1"`, `"m2-v1"`, `"m3-v1"`)
+	wantGetMany(t, c, ks, `"m1-v1"`, `"m2-v1"`, `"m3-v1"`)
+	if got, want := mgetSizes(), []int{6, 3}; !slices.Equal(got, want) {
+		t.Errorf("MGETs of %v keys, want %v: values and generations, then the values alone", got, want)
+	}
+
+	// m2's generation moves behind this instance's back, and m2 is written under it.
+	if err := e.rdb.HIncrBy(ctx, c.l2.entityMeta("artist", "m2"), "g", 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.Incr(ctx, c.l2.entityGen("artist", "m2")).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := writer.Set(ctx, ks[1], metaV("m2", 2)); err != nil {
+		t.Fatal(err)
+	}
+	heard(t, c, 4)
+	rt.take()
+	wantGetMany(t, c, ks, `"m1-v1"`, `"m2-v2"`, `"m3-v1"`)
+	if got, want := mgetSizes(), []int{3, 2}; !slices.Equal(got, want) {
+		t.Errorf("MGETs of %v keys, want %v: the values, then m2 again with its generation", got, want)
+	}
+	if s := c.Stats(); s.L2Stale != 0 {
+		t.Errorf("L2Stale = %d, want 0", s.L2Stale)
+	}
+}
+
+// A resubscription forgets every trusted generation, as it flushes L1: messages may have been lost.
+func TestResubscriptionForgetsTrustedGenerations(t *testing.T) {
+	e := namedEnv(t)
+	c := newCache[ImageMeta](e, e.opts())
+	k := NewKey("artist", "resub")
+	if err := c.Set(ctx, k, metaV("resub", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.trustedGen("artist\x00resub"); !ok {
+		t.Fatal("the entity's generation is not trusted after a Set")
+	}
+	e.killPubSub(t)
+	eventually(t, func() error {
+		if s := c.Stats(); s.BusResubscribes < 1 {
+			return fmt.Errorf("no resubscription yet: %+v", s)
+		}
+		return nil
+	})
+	if _, ok := c.trustedGen("artist\x00resub"); ok {
+		t.Error("a generation is still trusted after a resubscription")
+	}
+}
+
+// A generation is trusted for GenerationTTL at most: then a read reads it again.
+func TestGenerationTTLBoundsTheTrust(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1
+	o.GenerationTTL = 20 * time.Millisecond
+	c, rt := countedCache(t, e, o)
+	k := NewKey("artist", "ttl")
+	if err := c.Set(ctx, k, metaV("ttl", 1)); err != nil {
+		t.Fatal(err)
+	}
+	rt.take()
+	if _, err := c.Get(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * o.GenerationTTL)
+	if _, err := c.Get(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	if names := calls(rt); !slices.Equal(names, []string{"get", "mget"}) {
+		t.Errorf("calls %q, want a GET within GenerationTTL of the Set and an MGET after it", names)
+	}
+}
+
+// A generation read before an invalidation is never trusted after it, and the holder stays bounded.
+func TestTrustedGensPutIfAndBound(t *testing.T) {
+	acquireClock()
+	defer releaseClock()
+	g := newTrustedGens(100, int64(time.Minute))
+	var seq atomic.Uint64
+	g.putIf("artist\x00a", 7, 0, seq.Load)
+	if v, ok := g.get("artist\x00a"); !ok || v != 7 {
+		t.Fatalf("get = %d, %v; want 7, true", v, ok)
+	}
+	seq.Add(1) // an invalidation between the read and the fill
+	g.putIf("artist\x00b", 8, 0, seq.Load)
+	if _, ok := g.get("artist\x00b"); ok {
+		t.Error("a generation read before an invalidation was trusted")
+	}
+	g.forget("artist\x00a")
+	if _, ok := g.get("artist\x00a"); ok {
+		t.Error("a forgotten generation is still trusted")
+	}
+	for i := range 10_000 {
+		g.putIf(fmt.Sprint("tag", i), uint64(i), 1, seq.Load)
+	}
+	n := 0
+	for i := range g.shards {
+		n += len(g.shards[i].m)
+	}
+	if limit := genShards * g.perShard; n > limit {
+		t.Errorf("%d generations held, want at most %d", n, limit)
+	}
+	g.forgetAll()
+	if _, ok := g.get("tag9999"); ok {
+		t.Error("forgetAll left a generation trusted")
+	}
+}
+
+func TestGenerationTTLValidation(t *testing.T) {
+	e := newMiniEnv(t)
+	o := e.opts()
+	o.GenerationTTL = time.Microsecond
+	if _, err := New[ImageMeta](o); err == nil {
+		t.Error("New accepted a GenerationTTL of 1us")
+	}
+	o.GenerationTTL = -1
+	c, err := New[ImageMeta](o)
+	if err != nil {
+		t.Fatalf("New with GenerationTTL -1: %v", err)
+	}
+	defer c.Close()
+	if c.gens != nil {
+		t.Error("GenerationTTL -1 left the trust on")
+	}
+	k := NewKey("artist", "off")
+	if err := c.Set(ctx, k, metaV("off", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// heard waits until c has received n bus messages from other instances. A message moves the
+// invalidation sequence of the keys it names, so a read that it overtakes does not trust the
+// generations it read: tests that count round trips let the messages arrive first.
+func heard(t *testing.T, c *Cache[ImageMeta], n uint64) {
+	t.Helper()
+	eventually(t, func() error {
+		if got := c.Stats().BusReceived; got < n {
+			return fmt.Errorf("%d bus messages received, want %d", got, n)
+		}
+		return nil
+	})
+}
