@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -291,6 +292,57 @@ func TestGetManyOnARing(t *testing.T) {
 	}
 	if names, _ := rt.take(); len(names) != 1 || names[0] != "get get get get" {
 		t.Errorf("GetMany on a Ring made the Redis calls %q, want one pipeline of 2 values and 2 generations", names)
+	}
+}
+
+// When one node of a Ring (or Cluster) is down, the batch's GETs to it fail and those keys are
+// misses; the keys on the other node are answered.
+func TestGetManyWithANodeDown(t *testing.T) {
+	up, down := miniredis.RunT(t), miniredis.RunT(t)
+	ring := redis.NewRing(&redis.RingOptions{
+		Addrs:                 map[string]string{"up": up.Addr(), "down": down.Addr()},
+		ContextTimeoutEnabled: true,
+		HeartbeatFrequency:    time.Hour, // the Ring keeps sending to the dead node
+	})
+	t.Cleanup(func() { _ = ring.Close() })
+	e := &testEnv{t: t, mr: up, ns: uniqueNamespace(t)}
+	o := e.opts()
+	o.Redis, o.L1Size, o.BreakerThreshold = ring, -1, -1
+	writer := newCache[ImageMeta](e, o)
+	var ks []Key
+	for i := range 20 {
+		k := NewKey("artist", fmt.Sprint(i))
+		ks = append(ks, k)
+		if err := writer.Set(ctx, k, metaV(k.ID(), 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	down.Close()
+	before := len(up.Keys())
+	reader := newCache[ImageMeta](e, o)
+	vals, found, err := reader.GetMany(ctx, ks)
+	if err != nil {
+		t.Fatalf("GetMany with a node down: %v", err)
+	}
+	n := 0
+	for i, f := range found {
+		if f {
+			n++
+			if want := metaV(ks[i].ID(), 1).ETag; vals[i].ETag != want {
+				t.Errorf("key %v: ETag %s, want %s", ks[i], vals[i].ETag, want)
+			}
+		}
+	}
+	if n == 0 || n == len(ks) {
+		t.Errorf("%d of %d keys found with one of two nodes down; want some, not all", n, len(ks))
+	}
+	if reader.Stats().L2Errors == 0 {
+		t.Error("the failed GETs were not counted")
+	}
+	// A value whose generation could not be read is not judged: nothing on the live node is
+	// deleted as stale.
+	if after := len(up.Keys()); after != before {
+		t.Errorf("%d keys on the live node after the batch, %d before", after, before)
 	}
 }
 

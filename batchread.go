@@ -46,17 +46,17 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 	if len(r.rd) == 0 {
 		return stale
 	}
-	res, err := c.mget(ctx, r.args)
+	vals, failed, err := c.mget(ctx, r.args)
 	if err != nil {
 		c.countL2Error(err) // one failed round trip, however many keys it carried
 	}
-	if res == nil {
+	if vals == nil {
 		for j := range r.rd {
 			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
 		}
 		return stale
 	}
-	c.readGens(keys, &r, res)
+	c.readGens(keys, &r, vals, failed)
 	// One clock reading for the batch: its values were read at one moment.
 	now, nowMs := preciseNow(), time.Now().UnixMilli()
 	// Without L1 or StaleTTL nothing keeps an entry past hit (a pending one waits in pending): one
@@ -108,15 +108,13 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 		hit(i, e)
 	}
 	for j, i := range r.rd {
-		var s string
-		switch v := res[j].(type) {
-		case nil:
-			miss(j, nil)
-			continue
-		case string:
-			s = v
-		default: // this key's GET failed (a Cluster node down)
+		s := vals[j]
+		switch {
+		case failed != nil && failed[j]: // this key's GET failed (a Cluster node down)
 			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
+			continue
+		case s == "":
+			miss(j, nil)
 			continue
 		}
 		g := r.genv[r.gen[j]]
@@ -252,6 +250,7 @@ func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 	}
 	r.gen = make([]int32, 0, len(keys))
 	r.first = make([]int32, 0, len(keys))
+	r.genv = make([]genValue, 0, len(keys))
 	t := newHashIndex(len(keys))
 	size := 0 // without escapes; the buffer grows if there are any
 	for i, k := range keys {
@@ -312,11 +311,12 @@ func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 	return r
 }
 
-// readGens takes the generations read with the values (res, the MGET's replies) into genv, and
-// trusts those it found.
-func (c *Cache[V]) readGens(keys []Key, r *l2Read, res []any) {
+// readGens takes the generations read with the values (mget's results) into genv, and trusts
+// those it found.
+func (c *Cache[V]) readGens(keys []Key, r *l2Read, vals []string, failed []bool) {
 	for y, x := range r.genRead {
-		g := parseGen(res[len(r.rd)+y])
+		at := len(r.rd) + y
+		g := parseGen(vals[at], failed != nil && failed[at])
 		r.genv[x] = g
 		if g.ok {
 			k := keys[r.first[x]]
@@ -344,36 +344,37 @@ type genValue struct {
 	trusted    bool // this instance trusts it (gens.go): it was not read with the batch
 }
 
-func parseGen(reply any) genValue {
-	switch v := reply.(type) {
-	case nil:
-		return genValue{}
-	case string: // a malformed generation reads as a missing one: its values are invalid
-		g, err := strconv.ParseUint(v, 10, 64)
-		return genValue{gen: g, ok: err == nil}
+// parseGen reads a generation key's value as mget returns it.
+func parseGen(s string, failed bool) genValue {
+	if failed {
+		return genValue{failed: true}
 	}
-	return genValue{failed: true}
+	// An absent ("") or malformed generation reads as missing: its values are invalid.
+	g, err := strconv.ParseUint(s, 10, 64)
+	return genValue{gen: g, ok: err == nil}
 }
 
 // mget reads the keys args[1:] in one round trip: one MGET (args[0] is "mget") on a single Redis,
 // a pipeline of GETs otherwise (a Cluster's keys are in many slots; go-redis splits the pipeline
-// by node). Each reply is a string, nil for a missing key, or, in a pipeline, the error of that
-// key's GET. res is nil when nothing could be read.
-func (c *Cache[V]) mget(ctx context.Context, args []any) (res []any, err error) {
+// by node). vals[j] is the j-th key's value, "" when it is absent (nothing imgcache writes is
+// empty); in a pipeline, failed[j] reports that the j-th key's GET failed (failed is nil on a
+// single Redis). vals is nil when nothing could be read.
+func (c *Cache[V]) mget(ctx context.Context, args []any) (vals []string, failed []bool, err error) {
 	if single, ok := c.l2.rdb.(*redis.Client); ok {
 		err = c.l2.call(ctx, func(ctx context.Context) error {
-			cmd := redis.NewSliceCmd(ctx, args...)
+			// A StringSliceCmd reads the replies as strings, nil as "": no interface per value.
+			cmd := redis.NewStringSliceCmd(ctx, args...)
 			_ = single.Process(ctx, cmd)
-			res = cmd.Val()
+			vals = cmd.Val()
 			return cmd.Err()
 		})
-		if err == nil && len(res) != len(args)-1 {
-			err = fmt.Errorf("MGET of %d keys returned %d values", len(args)-1, len(res))
+		if err == nil && len(vals) != len(args)-1 {
+			err = fmt.Errorf("MGET of %d keys returned %d values", len(args)-1, len(vals))
 		}
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		return res, nil
+		return vals, nil, nil
 	}
 	cmds := make([]*redis.StringCmd, len(args)-1)
 	err = c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
@@ -382,16 +383,12 @@ func (c *Cache[V]) mget(ctx context.Context, args []any) (res []any, err error) 
 		}
 	})
 	if cmds[0] == nil { // not sent: the breaker is open, or ctx has ended
-		return nil, err
+		return nil, nil, err
 	}
-	res = make([]any, len(cmds))
+	vals, failed = make([]string, len(cmds)), make([]bool, len(cmds))
 	for j, cmd := range cmds {
-		switch s, e := cmd.Result(); {
-		case e == nil:
-			res[j] = s
-		case !errors.Is(e, redis.Nil):
-			res[j] = e
-		}
+		s, e := cmd.Result()
+		vals[j], failed[j] = s, e != nil && !errors.Is(e, redis.Nil)
 	}
-	return res, err
+	return vals, failed, err
 }
