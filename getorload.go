@@ -85,20 +85,16 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	if _, ok := ctx.Deadline(); ok || ctx.Done() != nil { // one that can never end needs no detaching
 		ctx = context.WithoutCancel(callerCtx)
 	}
-	cancel, stop := context.CancelFunc(noCancel), noStop // package funcs: a literal here would allocate
-	detached := false
+	isDetached := false
 	detach := func() {
-		if !detached {
-			detached = true
-			ctx, cancel = context.WithCancel(ctx)
-			stop = context.AfterFunc(c.base, cancel)
+		if !isDetached {
+			isDetached = true
+			ctx = detached(ctx, c.base)
 		}
 	}
 	handedOff := false // the flight's end was handed to another goroutine, which does this instead
 	defer func() {
 		if !handedOff {
-			stop()
-			cancel()
 			c.flights.release(k, f)
 		}
 	}()
@@ -251,19 +247,14 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		// flight), so the waiting moves to another.
 		handedOff = true
 		c.flights.wg.Add(1) // this flight holds the group open: no race with close's Wait
-		go func(stale *l1entry[V], stop func() bool, cancel context.CancelFunc) {
+		go func(stale *l1entry[V]) {
 			defer c.flights.wg.Done()
 			r := <-done
 			c.failSafe(k, stale, r.v, r.err, seq)
-			stop()
-			cancel()
 			c.flights.release(k, f)
-		}(stale, stop, cancel)
+		}(stale)
 	}
 }
-
-func noCancel()    {}
-func noStop() bool { return false }
 
 // failSafe returns the load's result, or, when the load failed and a stale value is at hand, the
 // stale value (usedStale), which it also puts back in L1 for a growing backoff so that the load is
@@ -370,11 +361,18 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 		}
 	}
 	c.stats.loads.Add(1)
-	start := time.Now()
+	var start time.Time
+	if c.beta > 0 { // the load's cost matters to early refresh alone: a clock reading spared
+		start = time.Now()
+	}
 	v, err := callLoad(ctx, &c.flights.wg, load)
-	cost := time.Since(start)
-	c.loadCost.Store((c.loadCost.Load()*7 + int64(cost)) / 8)
-	e := &l1entry[V]{val: v, tags: so.tags, delta: int64(cost)}
+	end := time.Now() // for the cost, the expiries and the L1 stamp
+	e := &l1entry[V]{val: v, tags: so.tags}
+	if c.beta > 0 {
+		cost := end.Sub(start)
+		c.loadCost.Store((c.loadCost.Load()*7 + int64(cost)) / 8)
+		e.delta = int64(cost)
+	}
 	ttl := c.l2TTL(so)
 	switch {
 	case err == nil:
@@ -385,7 +383,7 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 		return v, c.loadFailed(k, err)
 	}
 	var data []byte
-	e.expMs = time.Now().Add(ttl).UnixMilli()
+	e.expMs = end.Add(ttl).UnixMilli()
 	if l2ok {
 		var encErr error
 		if data, encErr = c.encode(e.val, e.negative, e.expMs, reg.st); encErr != nil {
@@ -395,7 +393,7 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 			return v, err
 		}
 	}
-	c.stamp(e, ttl)
+	c.stampAt(e, ttl, int64(end.Sub(clockEpoch))) // preciseNow at end
 	c.fillL1(k, e, seq)
 	if l2ok && !c.writeVerified(ctx, []l2write{{k, data, c.pxTTL(ttl, e.negative), absent, reg, held}})[0] && c.l1 != nil {
 		c.l1.remove(k)

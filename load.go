@@ -617,16 +617,8 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 // passes even if load ignores its context; the load's goroutine then finishes on its own, and Close
 // waits for it (wg is the flight group's, which the calling flight holds open).
 func callLoad[T any](ctx context.Context, wg *sync.WaitGroup, load func(context.Context) (T, error)) (v T, err error) {
-	call := func() (v T, err error) {
-		defer func() {
-			if r := recover(); r != nil {
-				err = fmt.Errorf("load panicked: %v", r)
-			}
-		}()
-		return load(ctx)
-	}
 	if _, ok := ctx.Deadline(); !ok {
-		return call()
+		return recoverLoad(ctx, load)
 	}
 	type result struct {
 		v   T
@@ -636,7 +628,7 @@ func callLoad[T any](ctx context.Context, wg *sync.WaitGroup, load func(context.
 	wg.Add(1) // the calling flight holds the group open, so this cannot race close's Wait
 	go func() {
 		defer wg.Done()
-		v, err := call()
+		v, err := recoverLoad(ctx, load)
 		done <- result{v, err}
 	}()
 	select {
@@ -645,6 +637,17 @@ func callLoad[T any](ctx context.Context, wg *sync.WaitGroup, load func(context.
 	case <-ctx.Done():
 		return v, ctx.Err()
 	}
+}
+
+// recoverLoad calls load, turning a panic into an error. A function of its own, not a closure in
+// callLoad: the closure would escape through callLoad's goroutine and be allocated on every load.
+func recoverLoad[T any](ctx context.Context, load func(context.Context) (T, error)) (v T, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("load panicked: %v", r)
+		}
+	}()
+	return load(ctx)
 }
 
 // decode runs the codec, turning a panic in a custom codec into an error.

@@ -56,7 +56,8 @@ func paired(b *testing.B, a, p func(i int) bool) {
 }
 
 // BenchmarkPaired: the Redis rows of BenchmarkL2Hit, BenchmarkGetOrLoadHit, BenchmarkGetMany and
-// BenchmarkMissLoad, each imgcache operation paired with its floor or go-redis/cache.
+// BenchmarkMissLoad, and its in-process miss, each imgcache operation paired with its floor or
+// go-redis/cache.
 func BenchmarkPaired(b *testing.B) {
 	rdb := redisClient(b)
 	ctx := context.Background()
@@ -78,6 +79,21 @@ func BenchmarkPaired(b *testing.B) {
 
 	value := Meta(1)
 	load := func(context.Context) (meta, error) { return value, nil }
+	icLocal, grcLocal := newImgcache(b, nil, L1Capacity), newGoRedisCache(nil, true, false)
+	b.Run("MissLoad/local/g=1/vs-go-redis-cache", func(b *testing.B) {
+		icKeys, _ := missKeys(b.N)
+		_, grcStrs := missKeys(b.N)
+		var ni, ng int // each call takes the next unused key
+		paired(b, func(int) bool {
+			_, err := icLocal.GetOrLoad(ctx, icKeys[ni], load)
+			ni++
+			return err == nil
+		}, func(int) bool {
+			err := grcLoad(ctx, grcLocal, grcStrs[ng], value)
+			ng++
+			return err == nil
+		})
+	})
 	icMiss, grcMiss := newImgcache(b, rdb, L1Capacity), newGoRedisCache(rdb, true, false)
 	b.Run("MissLoad/g=1/vs-go-redis-cache", func(b *testing.B) {
 		icKeys, _ := missKeys(b.N)
