@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	rediscache "github.com/go-redis/cache/v9"
 	"github.com/imgcache/imgcache"
 )
 
@@ -60,8 +61,6 @@ func paired(b *testing.B, a, p func(i int) bool) {
 // go-redis/cache.
 func BenchmarkPaired(b *testing.B) {
 	rdb := redisClient(b)
-	ctx := context.Background()
-
 	ic, l2 := l2HitPeers(b, rdb)
 	for _, p := range l2[1:] {
 		b.Run("L2Hit/g=1/vs-"+p.name, func(b *testing.B) { paired(b, l2[0].get, p.get) })
@@ -77,42 +76,35 @@ func BenchmarkPaired(b *testing.B) {
 	icMany, many := getManyPeers(b, rdb)
 	b.Run("GetMany/g=1/vs-"+many[1].name, func(b *testing.B) { paired(b, many[0].get, many[1].get) })
 
-	value := Meta(1)
-	load := func(context.Context) (meta, error) { return value, nil }
-	icLocal, grcLocal := newImgcache(b, nil, L1Capacity), newGoRedisCache(nil, true, false)
-	b.Run("MissLoad/local/g=1/vs-go-redis-cache", func(b *testing.B) {
-		icKeys, _ := missKeys(b.N)
-		_, grcStrs := missKeys(b.N)
-		var ni, ng int // each call takes the next unused key
-		paired(b, func(int) bool {
-			_, err := icLocal.GetOrLoad(ctx, icKeys[ni], load)
-			ni++
-			return err == nil
-		}, func(int) bool {
-			err := grcLoad(ctx, grcLocal, grcStrs[ng], value)
-			ng++
-			return err == nil
-		})
-	})
-	icMiss, grcMiss := newImgcache(b, rdb, L1Capacity), newGoRedisCache(rdb, true, false)
-	b.Run("MissLoad/g=1/vs-go-redis-cache", func(b *testing.B) {
-		icKeys, _ := missKeys(b.N)
-		_, grcStrs := missKeys(b.N)
-		var ni, ng int // each call takes the next unused key
-		paired(b, func(int) bool {
-			_, err := icMiss.GetOrLoad(ctx, icKeys[ni], load)
-			ni++
-			return err == nil
-		}, func(int) bool {
-			err := grcLoad(ctx, grcMiss, grcStrs[ng], value)
-			ng++
-			return err == nil
-		})
-	})
+	icMiss := newImgcache(b, rdb, L1Capacity)
+	b.Run("MissLoad/local/g=1/vs-go-redis-cache", pairedMisses(newImgcache(b, nil, L1Capacity), newGoRedisCache(nil, true, false)))
+	b.Run("MissLoad/g=1/vs-go-redis-cache", pairedMisses(icMiss, newGoRedisCache(rdb, true, false)))
 
 	for _, c := range []*imgcache.Cache[meta]{ic, icMany, icMiss} {
 		if n := c.Stats().L2Errors; n > 0 {
 			b.Errorf("imgcache counted %d Redis errors", n)
 		}
+	}
+}
+
+// pairedMisses pairs imgcache's GetOrLoad with go-redis/cache's Once, each call on a key never
+// asked for before.
+func pairedMisses(ic *imgcache.Cache[meta], grc *rediscache.Cache) func(b *testing.B) {
+	ctx := context.Background()
+	value := Meta(1)
+	load := func(context.Context) (meta, error) { return value, nil }
+	return func(b *testing.B) {
+		icKeys, _ := missKeys(b.N)
+		_, grcStrs := missKeys(b.N)
+		var ni, ng int // each call takes the next unused key
+		paired(b, func(int) bool {
+			_, err := ic.GetOrLoad(ctx, icKeys[ni], load)
+			ni++
+			return err == nil
+		}, func(int) bool {
+			err := grcLoad(ctx, grc, grcStrs[ng], value)
+			ng++
+			return err == nil
+		})
 	}
 }
