@@ -2,6 +2,7 @@ package imgcache
 
 import (
 	"fmt"
+	"runtime"
 	"slices"
 	"sync/atomic"
 	"testing"
@@ -322,4 +323,31 @@ func heard(t *testing.T, c *Cache[ImageMeta], n uint64) {
 		}
 		return nil
 	})
+}
+
+// TestTrustedGenMemory reports the heap a trusted generation costs (an entity's head as the key,
+// the generation and its expiry, the map's slot) and fails above 150 B: at the default bound of
+// 10,000 that is under 1.5 MB. go test -run TrustedGenMemory -v .
+func TestTrustedGenMemory(t *testing.T) {
+	acquireClock()
+	defer releaseClock()
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	g := newTrustedGens(DefaultL1Size, int64(time.Minute))
+	for i := range DefaultL1Size {
+		g.putIf(fmt.Sprintf("artist\x00%d", 1_000_000+i), uint64(i), 0, func() uint64 { return 0 })
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	n := 0
+	for i := range g.shards {
+		n += len(g.shards[i].m)
+	}
+	per := (int64(after.HeapAlloc) - int64(before.HeapAlloc)) / int64(n)
+	t.Logf("%d generations held (at most %d), %d B each", n, genShards*g.perShard, per)
+	if per > 150 {
+		t.Errorf("%d B per trusted generation, want at most 150", per)
+	}
+	runtime.KeepAlive(g)
 }
