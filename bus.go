@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -135,6 +136,7 @@ func (c *Cache[V]) runBus(ps *redis.PubSub) {
 	heard := time.Now()
 	pinged := false
 	for c.base.Err() == nil {
+		c.flushOutbox()
 		ctx, cancel := context.WithTimeout(c.base, busPoll)
 		m, err := ps.ReceiveTimeout(ctx, busPoll)
 		cancel()
@@ -244,4 +246,53 @@ func (c *Cache[V]) send(ctx context.Context, kind busKind, items []string) {
 		return
 	}
 	c.stats.busSent.Add(1)
+}
+
+// outbox holds the messages of invalidations that failed after they may have changed Redis: a reply
+// lost after the script ran, an UNLINK that failed. Redis may hold a moved generation and the values
+// it made stale, and the other instances, which trust the old generation and may hold copies in L1,
+// would keep serving them. The bus goroutine publishes these messages, in order, once Redis
+// answers. At most maxOutbox wait; past that a new one is dropped, and the other instances' copies
+// last at most L1TTL, their trust GenerationTTL.
+type outbox struct {
+	mu   sync.Mutex // protects msgs
+	msgs [][]byte
+}
+
+const maxOutbox = 1024
+
+// sendLater queues a message for the bus goroutine (see outbox). An error that says Redis was never
+// asked (the breaker was open) changed nothing, and queues nothing.
+func (c *Cache[V]) sendLater(err error, kind busKind, items []string) {
+	if c.l2 == nil || errors.Is(err, ErrBreakerOpen) {
+		return
+	}
+	msg := encodeBus(kind, c.instance, items)
+	c.outbox.mu.Lock()
+	if len(c.outbox.msgs) < maxOutbox {
+		c.outbox.msgs = append(c.outbox.msgs, msg)
+	}
+	c.outbox.mu.Unlock()
+}
+
+// flushOutbox publishes the queued messages in order, and puts back those after one that fails
+// (Redis is still away: the next round of the bus loop tries again). The failures are not counted:
+// the invalidation's own failure was.
+func (c *Cache[V]) flushOutbox() {
+	c.outbox.mu.Lock()
+	msgs := c.outbox.msgs
+	c.outbox.msgs = nil
+	c.outbox.mu.Unlock()
+	for i, m := range msgs {
+		if err := c.l2.publish(c.base, m); err != nil {
+			c.outbox.mu.Lock()
+			c.outbox.msgs = append(msgs[i:], c.outbox.msgs...)
+			if len(c.outbox.msgs) > maxOutbox {
+				c.outbox.msgs = c.outbox.msgs[:maxOutbox]
+			}
+			c.outbox.mu.Unlock()
+			return
+		}
+		c.stats.busSent.Add(1)
+	}
 }

@@ -202,6 +202,7 @@ type Cache[V any] struct {
 	instance   uint64
 	busDone    chan struct{}
 	subscribed atomic.Bool
+	outbox     outbox                        // messages of failed invalidations, for the bus goroutine to publish
 	busHook    atomic.Pointer[func(busKind)] // tests only: called after a message from another instance is applied
 }
 

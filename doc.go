@@ -52,6 +52,10 @@
 // read again with the generation key, so a missed message never turns a valid value into a miss.
 // With GenerationTTL negative every read checks the generations in Redis.
 //
+// An invalidation that fails may still have changed Redis (a reply lost after its script ran), so
+// it forgets locally again and queues its message; the bus goroutine publishes it once Redis
+// answers, so that the other instances drop and forget what it may have made stale.
+//
 // Expiry is checked on read against a clock that one goroutine per process advances every
 // millisecond; nothing runs per entry.
 //

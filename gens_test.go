@@ -1,12 +1,16 @@
 package imgcache
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"runtime"
 	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // A read that trusts its entity's generation reads the value alone: the first read of an entity is
@@ -350,4 +354,108 @@ func TestTrustedGenMemory(t *testing.T) {
 		t.Errorf("%d B per trusted generation, want at most 150", per)
 	}
 	runtime.KeepAlive(g)
+}
+
+// failUnlink is a go-redis hook that fails every pipeline holding an UNLINK, before it is sent.
+type failUnlink struct{}
+
+func (failUnlink) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (failUnlink) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (failUnlink) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		for _, cmd := range cmds {
+			if cmd.Name() == "unlink" {
+				err := errors.New("injected UNLINK failure")
+				cmd.SetErr(err)
+				return err
+			}
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// An invalidation that fails after its script moved the generation (here its UNLINK of the members
+// fails, so the values stamped with the old generation stay in Redis) still reaches the other
+// instances: its message is queued, and the bus goroutine publishes it, so that no instance keeps
+// trusting the old generation and serving those values. The invalidating instance forgets at once.
+func TestFailedInvalidationStillReachesTrustedGenerations(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		invalidate func(c *Cache[ImageMeta]) error
+	}{
+		{"entity", func(c *Cache[ImageMeta]) error { return c.InvalidateEntity(ctx, "artist", "fail") }},
+		{"tag", func(c *Cache[ImageMeta]) error { return c.InvalidateTags(ctx, "album:fail") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			o := e.opts()
+			o.L1Size = -1
+			failing := redis.NewClient(&redis.Options{Addr: e.rdb.Options().Addr, ContextTimeoutEnabled: true})
+			failing.AddHook(failUnlink{})
+			t.Cleanup(func() { _ = failing.Close() })
+			fo := o
+			fo.Redis = failing
+			a, b := newCache[ImageMeta](e, fo), newCache[ImageMeta](e, o)
+			k := NewKey("artist", "fail").With("size", "64")
+			if err := a.Set(ctx, k, metaV("fail", 1), WithTags("album:fail")); err != nil {
+				t.Fatal(err)
+			}
+			heard(t, b, 1)
+			for _, c := range []*Cache[ImageMeta]{a, b} {
+				if err := wantETag(c, k, `"fail-v1"`)(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := tc.invalidate(a); err == nil {
+				t.Fatal("the invalidation succeeded; want the injected UNLINK failure")
+			}
+			old := e.raw(k)
+			if old == "" {
+				t.Fatal("the value is gone from Redis: the failure was not injected")
+			}
+			if err := wantMiss(a, k)(); err != nil {
+				t.Errorf("the invalidating instance: %v", err)
+			}
+			// a's read found the value stale and deleted it; put it back for b to find.
+			if err := e.rdb.Set(ctx, e.redisKey(k), old, time.Minute).Err(); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, wantMiss(b, k))
+		})
+	}
+}
+
+// A failed invalidation's message waits while Redis refuses everything, and goes out once Redis
+// answers again.
+func TestOutboxWaitsForRedis(t *testing.T) {
+	e := newMiniEnv(t)
+	o := e.opts()
+	o.BreakerThreshold = -1
+	a, b := newCache[ImageMeta](e, o), newCache[ImageMeta](e, o)
+	k := NewKey("artist", "later")
+	if err := a.Set(ctx, k, metaV("later", 1)); err != nil {
+		t.Fatal(err)
+	}
+	heard(t, b, 1)
+	if err := wantETag(b, k, `"later-v1"`)(); err != nil {
+		t.Fatal(err)
+	}
+	e.mr.SetError("ERR refusing")
+	if err := a.InvalidateEntity(ctx, "artist", "later"); err == nil {
+		t.Fatal("InvalidateEntity succeeded against a refusing Redis")
+	}
+	time.Sleep(3 * busPoll) // the bus goroutine tries, and fails, to publish
+	if n := a.Stats().BusSent; n != 1 {
+		t.Errorf("BusSent = %d while Redis refuses, want 1 (the Set's)", n)
+	}
+	e.mr.SetError("")
+	eventually(t, func() error {
+		if _, ok := b.trustedGen("artist\x00later"); ok {
+			return errors.New("b still trusts the entity's generation")
+		}
+		return nil
+	})
+	if s := b.Stats(); s.BusReceived != 2 || s.BusResubscribes != 0 {
+		t.Errorf("b: BusReceived %d, BusResubscribes %d; want the queued message (2 in all), no resubscription", s.BusReceived, s.BusResubscribes)
+	}
 }

@@ -55,8 +55,9 @@ func checkTags(tags []string) error {
 }
 
 // Delete removes the keys from both levels and from the L1 of every instance on the namespace.
-// L1 copies go first and always; if Redis fails Delete returns the error, wrapped. A load of one of
-// the keys that was in flight does not store its result afterwards. It returns ErrClosed after
+// L1 copies go first and always; if Redis fails Delete returns the error, wrapped, and its message
+// to the other instances waits until Redis answers (Redis may have changed in part). A load of one
+// of the keys that was in flight does not store its result afterwards. It returns ErrClosed after
 // Close, and an error naming the first invalid key, in which case nothing is deleted.
 func (c *Cache[V]) Delete(ctx context.Context, ks ...Key) error {
 	for _, k := range ks {
@@ -85,19 +86,21 @@ func (c *Cache[V]) Delete(ctx context.Context, ks ...Key) error {
 	for _, k := range ks {
 		c.l2.debug(ctx, "DEL", c.l2.key(k), resultOf(err))
 	}
-	if err != nil {
-		c.countL2Error(err)
-		if len(ks) == 1 {
-			return fmt.Errorf("imgcache: delete %s: %w", ks[0], err)
-		}
-		return fmt.Errorf("imgcache: delete %d keys: %w", len(ks), err)
-	}
-	// Again, now that Redis is clean: a read on this instance between the first drop and the
-	// UNLINK may have refilled L1 with the old value, and this instance ignores its own message.
+	// Again, now that Redis is clean (or, after a failure, may have changed in part): a read on
+	// this instance between the first drop and the UNLINK may have refilled L1 with the old value,
+	// and this instance ignores its own message.
 	c.dropL1Keys(ks)
 	items := make([]string, len(ks))
 	for i, k := range ks {
 		items[i] = k.s
+	}
+	if err != nil {
+		c.countL2Error(err)
+		c.sendLater(err, busKeys, items)
+		if len(ks) == 1 {
+			return fmt.Errorf("imgcache: delete %s: %w", ks[0], err)
+		}
+		return fmt.Errorf("imgcache: delete %d keys: %w", len(ks), err)
 	}
 	c.send(ctx, busKeys, items)
 	return nil
@@ -106,7 +109,9 @@ func (c *Cache[V]) Delete(ctx context.Context, ks ...Key) error {
 // InvalidateEntity removes every cached value of NewKey(entity, id), whatever its parameters (every
 // type and size of an artist's images), from Redis and from the L1 of every instance, and nothing
 // else. The entity is normalised as NewKey does; the id is matched exactly. A load of one of those
-// keys that was in flight cannot store a value that reads as valid afterwards.
+// keys that was in flight cannot store a value that reads as valid afterwards. If Redis fails, it
+// returns the error, wrapped, and its message to the other instances waits until Redis answers, as
+// Delete's does.
 func (c *Cache[V]) InvalidateEntity(ctx context.Context, entity, id string) error {
 	k := NewKey(entity, id)
 	if err := c.check(k); err != nil {
@@ -118,17 +123,20 @@ func (c *Cache[V]) InvalidateEntity(ctx context.Context, entity, id string) erro
 		return nil
 	}
 	prefix := c.l2.prefix + entityPrefix(e, i)
-	if err := c.invalidateMetas(ctx, [][]string{{c.l2.entityMeta(e, i), c.l2.entityGen(e, i)}}, func(member string) string { return prefix + member }); err != nil {
+	err := c.invalidateMetas(ctx, [][]string{{c.l2.entityMeta(e, i), c.l2.entityGen(e, i)}}, func(member string) string { return prefix + member })
+	c.dropL1Entity(e, i) // again: see Delete
+	if err != nil {
+		c.sendLater(err, busEntity, []string{e, i})
 		return fmt.Errorf("imgcache: invalidate entity %s: %w", strings.TrimSuffix(entityPrefix(e, i), ":"), err)
 	}
-	c.dropL1Entity(e, i) // again: see Delete
 	c.send(ctx, busEntity, []string{e, i})
 	return nil
 }
 
 // InvalidateTags removes every value that carries any of the tags (see WithTags) from Redis and
 // from the L1 of every instance. A load of a tagged key that was in flight cannot store a value that
-// reads as valid afterwards.
+// reads as valid afterwards. If Redis fails, it returns the error, wrapped, and its message to the
+// other instances waits until Redis answers, as Delete's does.
 func (c *Cache[V]) InvalidateTags(ctx context.Context, tags ...string) error {
 	if c.closed.Load() {
 		return ErrClosed
@@ -147,10 +155,12 @@ func (c *Cache[V]) InvalidateTags(ctx context.Context, tags ...string) error {
 	for i, t := range tags {
 		metas[i] = []string{c.l2.tagMeta(t)}
 	}
-	if err := c.invalidateMetas(ctx, metas, func(member string) string { return c.l2.prefix + member }); err != nil {
+	err := c.invalidateMetas(ctx, metas, func(member string) string { return c.l2.prefix + member })
+	c.dropL1Tags(tags) // again: see Delete
+	if err != nil {
+		c.sendLater(err, busTags, tags)
 		return fmt.Errorf("imgcache: invalidate tags %q: %w", tags, err)
 	}
-	c.dropL1Tags(tags) // again: see Delete
 	c.send(ctx, busTags, tags)
 	return nil
 }
@@ -187,7 +197,9 @@ func (c *Cache[V]) invalidateMetas(ctx context.Context, metas [][]string, member
 }
 
 // InvalidatePattern removes every cached value whose entity and id match pattern, from Redis and
-// from the L1 of every instance, and returns how many values it removed from Redis.
+// from the L1 of every instance, and returns how many values it removed from Redis. If Redis fails,
+// it returns the error, wrapped, and its message to the other instances waits until Redis answers,
+// as Delete's does.
 //
 // The pattern is "<entity>:<id>", split at the first ':' not escaped by '\'. In each part '*'
 // matches any run of characters (none included), '\' makes the next character literal ("\*",
@@ -213,6 +225,8 @@ func (c *Cache[V]) InvalidatePattern(ctx context.Context, pattern string) (int, 
 	}
 	fail := func(err error) (int, error) {
 		c.countL2Error(err)
+		c.dropL1Pattern(p) // again: see Delete
+		c.sendLater(err, busPattern, []string{pattern})
 		return 0, fmt.Errorf("imgcache: invalidate pattern %q: %w", pattern, err)
 	}
 	err = c.l2.call(ctx, func(ctx context.Context) error {
