@@ -85,16 +85,18 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	if _, ok := ctx.Deadline(); ok || ctx.Done() != nil { // one that can never end needs no detaching
 		ctx = context.WithoutCancel(callerCtx)
 	}
+	cancel := context.CancelFunc(noCancel) // a package func: a literal here would allocate
 	isDetached := false
 	detach := func() {
 		if !isDetached {
 			isDetached = true
-			ctx = detached(ctx, c.base)
+			ctx, cancel = detached(ctx, c.base)
 		}
 	}
 	handedOff := false // the flight's end was handed to another goroutine, which does this instead
 	defer func() {
 		if !handedOff {
+			cancel()
 			c.flights.release(k, f)
 		}
 	}()
@@ -247,14 +249,17 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		// flight), so the waiting moves to another.
 		handedOff = true
 		c.flights.wg.Add(1) // this flight holds the group open: no race with close's Wait
-		go func(stale *l1entry[V]) {
+		go func(stale *l1entry[V], cancel context.CancelFunc) {
 			defer c.flights.wg.Done()
 			r := <-done
 			c.failSafe(k, stale, r.v, r.err, seq)
+			cancel()
 			c.flights.release(k, f)
-		}(stale)
+		}(stale, cancel)
 	}
 }
+
+func noCancel() {}
 
 // failSafe returns the load's result, or, when the load failed and a stale value is at hand, the
 // stale value (usedStale), which it also puts back in L1 for a growing backoff so that the load is
