@@ -459,3 +459,67 @@ func TestOutboxWaitsForRedis(t *testing.T) {
 		t.Errorf("b: BusReceived %d, BusResubscribes %d; want the queued message (2 in all), no resubscription", s.BusReceived, s.BusResubscribes)
 	}
 }
+
+// A value written under a tag generation newer than the one this instance trusts is read again
+// with the tag's generation from Redis, and served.
+func TestStampNewerThanTrustedTagIsReadAgain(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1
+	c, rt := countedCache(t, e, o)
+	k := NewKey("artist", "tagged")
+	if err := c.Set(ctx, k, metaV("tagged", 1), WithTags("label:x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := wantETag(c, k, `"tagged-v1"`)(); err != nil {
+		t.Fatal(err)
+	}
+	// Another instance's tag invalidation, unheard: the tag's generation moves in Redis only.
+	if err := e.rdb.HIncrBy(ctx, c.l2.tagMeta("label:x"), "g", 1).Err(); err != nil {
+		t.Fatal(err)
+	}
+	other := newCache[ImageMeta](e, e.opts())
+	if err := other.Set(ctx, k, metaV("tagged", 2), WithTags("label:x")); err != nil {
+		t.Fatal(err)
+	}
+	heard(t, c, 1)
+	rt.take()
+	for range 2 {
+		if err := wantETag(c, k, `"tagged-v2"`)(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if names := calls(rt); !slices.Equal(names, []string{"get", "mget", "hget", "get"}) {
+		t.Errorf("calls %q, want a GET, the MGET and HGET that read the generations, then a GET", names)
+	}
+	if s := c.Stats(); s.L2Stale != 0 {
+		t.Errorf("L2Stale = %d, want 0", s.L2Stale)
+	}
+}
+
+// With GenerationTTL negative an instance checks the generations in Redis on every read, so it
+// misses a value invalidated elsewhere at once, whether or not the bus message has arrived.
+func TestUntrustingInstanceSeesInvalidationsAtOnce(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size, o.GenerationTTL = -1, -1
+	a, b := newCache[ImageMeta](e, e.opts()), newCache[ImageMeta](e, o)
+	k := NewKey("artist", "exact")
+	if err := a.Set(ctx, k, metaV("exact", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := wantETag(b, k, `"exact-v1"`)(); err != nil {
+		t.Fatal(err)
+	}
+	old := e.raw(k)
+	if err := a.InvalidateEntity(ctx, "artist", "exact"); err != nil {
+		t.Fatal(err)
+	}
+	// As a load that was in flight would: the old value, stamped with the old generation.
+	if err := e.rdb.Set(ctx, e.redisKey(k), old, time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := wantMiss(b, k)(); err != nil {
+		t.Error(err)
+	}
+}
