@@ -164,7 +164,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 		if tr != trustNone {
 			cur, tags = c.trustedTags(tags)
 		}
-		trustedTags := len(cur) > 0
+		usedTrust := len(cur) > 0
 		var err error
 		if len(tags) > 0 {
 			var read []tagGen
@@ -182,7 +182,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 			g := r.genv[r.gen[p.j]]
 			old, left := stampStale(p.env, g.gen, g.ok, cur, nil, missing[:0])
 			if old || len(left) > 0 { // a moved generation, or a missing meta hash
-				if g.trusted || trustedTags {
+				if g.trusted || usedTrust {
 					retry = append(retry, r.rd[p.j])
 					continue
 				}
@@ -319,9 +319,8 @@ func (c *Cache[V]) readGens(keys []Key, r *l2Read, vals []string, failed []bool)
 		g := parseGen(vals[at], failed != nil && failed[at])
 		r.genv[x] = g
 		if g.ok {
-			k := keys[r.first[x]]
-			head, _ := k.split()
-			c.trustGen(head, g.gen, r.genSeq[y], func() uint64 { return c.inv.of(k) })
+			head, _ := keys[r.first[x]].split()
+			c.trustGen(head, g.gen, r.genSeq[y])
 		}
 	}
 }

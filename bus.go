@@ -261,6 +261,16 @@ type outbox struct {
 
 const maxOutbox = 1024
 
+// announce tells the other instances of an invalidation whose Redis part ended with err: at once
+// if it succeeded, through the outbox if it failed (it may have changed Redis in part).
+func (c *Cache[V]) announce(ctx context.Context, err error, kind busKind, items []string) {
+	if err != nil {
+		c.sendLater(err, kind, items)
+		return
+	}
+	c.send(ctx, kind, items)
+}
+
 // sendLater queues a message for the bus goroutine (see outbox). An error that says Redis was never
 // asked (the breaker was open) changed nothing, and queues nothing.
 func (c *Cache[V]) sendLater(err error, kind busKind, items []string) {

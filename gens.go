@@ -71,13 +71,13 @@ func (t *trustedGens) get(name string) (uint64, bool) {
 	return g.gen, true
 }
 
-// putIf trusts gen for name, read from Redis when the invalidation sequence was seq, unless cur
-// (read under the shard lock) shows that an invalidation has run since.
-func (t *trustedGens) putIf(name string, gen uint64, seq uint64, cur func() uint64) {
+// putIf trusts gen for name, read from Redis when name's invalidation sequence (inv.ofName) was
+// seq, unless the sequence, read under the shard lock, shows that an invalidation has run since.
+func (t *trustedGens) putIf(name string, gen uint64, seq uint64, inv *invalidations) {
 	s := t.shard(name)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if cur() != seq {
+	if inv.ofName(name) != seq {
 		return
 	}
 	if _, ok := s.m[name]; !ok && len(s.m) >= t.perShard {

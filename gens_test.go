@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -261,13 +260,13 @@ func TestTrustedGensPutIfAndBound(t *testing.T) {
 	acquireClock()
 	defer releaseClock()
 	g := newTrustedGens(100, int64(time.Minute))
-	var seq atomic.Uint64
-	g.putIf("artist\x00a", 7, 0, seq.Load)
+	var inv invalidations
+	g.putIf("artist\x00a", 7, 0, &inv)
 	if v, ok := g.get("artist\x00a"); !ok || v != 7 {
 		t.Fatalf("get = %d, %v; want 7, true", v, ok)
 	}
-	seq.Add(1) // an invalidation between the read and the fill
-	g.putIf("artist\x00b", 8, 0, seq.Load)
+	inv.all() // an invalidation between the read and the fill
+	g.putIf("artist\x00b", 8, 0, &inv)
 	if _, ok := g.get("artist\x00b"); ok {
 		t.Error("a generation read before an invalidation was trusted")
 	}
@@ -276,7 +275,7 @@ func TestTrustedGensPutIfAndBound(t *testing.T) {
 		t.Error("a forgotten generation is still trusted")
 	}
 	for i := range 10_000 {
-		g.putIf(fmt.Sprint("tag", i), uint64(i), 1, seq.Load)
+		g.putIf(fmt.Sprint("tag", i), uint64(i), 1, &inv)
 	}
 	n := 0
 	for i := range g.shards {
@@ -339,8 +338,9 @@ func TestTrustedGenMemory(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&before)
 	g := newTrustedGens(DefaultL1Size, int64(time.Minute))
+	var inv invalidations
 	for i := range DefaultL1Size {
-		g.putIf(fmt.Sprintf("artist\x00%d", 1_000_000+i), uint64(i), 0, func() uint64 { return 0 })
+		g.putIf(fmt.Sprintf("artist\x00%d", 1_000_000+i), uint64(i), 0, &inv)
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)

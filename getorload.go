@@ -122,7 +122,7 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	var ls leaseState
 	l2ok, absent := false, false // whether the load's result can be written to Redis; whether k was absent
 	if c.l2 != nil {
-		rkey := c.l2.readKey(k)
+		rkey := c.l2.key(k)
 		// judge serves a value read from Redis and checked (decodeChecked) if it is fresh (and, for
 		// an early refresh, newer than the value being refreshed); a stale one is kept for the
 		// fail-safe. usable is false when checking the value's stamp failed on a Redis error.

@@ -94,15 +94,14 @@ func (c *Cache[V]) Delete(ctx context.Context, ks ...Key) error {
 	for i, k := range ks {
 		items[i] = k.s
 	}
+	c.announce(ctx, err, busKeys, items)
 	if err != nil {
 		c.countL2Error(err)
-		c.sendLater(err, busKeys, items)
 		if len(ks) == 1 {
 			return fmt.Errorf("imgcache: delete %s: %w", ks[0], err)
 		}
 		return fmt.Errorf("imgcache: delete %d keys: %w", len(ks), err)
 	}
-	c.send(ctx, busKeys, items)
 	return nil
 }
 
@@ -125,11 +124,10 @@ func (c *Cache[V]) InvalidateEntity(ctx context.Context, entity, id string) erro
 	prefix := c.l2.prefix + entityPrefix(e, i)
 	err := c.invalidateMetas(ctx, [][]string{{c.l2.entityMeta(e, i), c.l2.entityGen(e, i)}}, func(member string) string { return prefix + member })
 	c.dropL1Entity(e, i) // again: see Delete
+	c.announce(ctx, err, busEntity, []string{e, i})
 	if err != nil {
-		c.sendLater(err, busEntity, []string{e, i})
 		return fmt.Errorf("imgcache: invalidate entity %s: %w", strings.TrimSuffix(entityPrefix(e, i), ":"), err)
 	}
-	c.send(ctx, busEntity, []string{e, i})
 	return nil
 }
 
@@ -157,11 +155,10 @@ func (c *Cache[V]) InvalidateTags(ctx context.Context, tags ...string) error {
 	}
 	err := c.invalidateMetas(ctx, metas, func(member string) string { return c.l2.prefix + member })
 	c.dropL1Tags(tags) // again: see Delete
+	c.announce(ctx, err, busTags, tags)
 	if err != nil {
-		c.sendLater(err, busTags, tags)
 		return fmt.Errorf("imgcache: invalidate tags %q: %w", tags, err)
 	}
-	c.send(ctx, busTags, tags)
 	return nil
 }
 
@@ -226,7 +223,7 @@ func (c *Cache[V]) InvalidatePattern(ctx context.Context, pattern string) (int, 
 	fail := func(err error) (int, error) {
 		c.countL2Error(err)
 		c.dropL1Pattern(p) // again: see Delete
-		c.sendLater(err, busPattern, []string{pattern})
+		c.announce(ctx, err, busPattern, []string{pattern})
 		return 0, fmt.Errorf("imgcache: invalidate pattern %q: %w", pattern, err)
 	}
 	err = c.l2.call(ctx, func(ctx context.Context) error {

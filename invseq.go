@@ -1,6 +1,7 @@
 package imgcache
 
 import (
+	"strings"
 	"sync/atomic"
 
 	"github.com/cespare/xxhash/v2"
@@ -24,7 +25,17 @@ func stripeOf(entityAndID string) int { return int(xxhash.Sum64String(entityAndI
 // of returns k's current sequence.
 func (v *invalidations) of(k Key) uint64 {
 	head, _ := k.split()
-	return v.global.Load() + v.stripes[stripeOf(head)].Load()
+	return v.ofName(head)
+}
+
+// ofName returns the current sequence of a trusted generation's name (gens.go): for an entity's
+// head ("<entity>\x00<id>") of(k) of its keys; for a tag, which holds no NUL, the global counter
+// alone, which tag invalidations bump.
+func (v *invalidations) ofName(name string) uint64 {
+	if strings.IndexByte(name, 0) < 0 {
+		return v.global.Load()
+	}
+	return v.global.Load() + v.stripes[stripeOf(name)].Load()
 }
 
 func (v *invalidations) key(k Key) {

@@ -94,7 +94,12 @@ func checkClient(c redis.UniversalClient) error {
 	return nil
 }
 
-func (l *l2) key(k Key) string { return l.prefix + k.String() }
+// key returns the Redis key of a valid k's value, built in one allocation.
+func (l *l2) key(k Key) string {
+	var buf [256]byte
+	e, id, params := k.parts()
+	return string(appendKeyString(append(buf[:0], l.prefix...), e, id, params))
+}
 
 // readKeys returns the Redis keys of a valid k's value and of its entity's generation, built in
 // one allocation: a read needs both.
@@ -105,13 +110,6 @@ func (l *l2) readKeys(k Key) (rkey, genKey string) {
 	n := len(b)
 	s := string(l.appendEntityGen(b, e, id))
 	return s[:n], s[n:]
-}
-
-// readKey returns the Redis key of a valid k's value, as readKeys's first result.
-func (l *l2) readKey(k Key) string {
-	var buf [256]byte
-	e, id, params := k.parts()
-	return string(appendKeyString(append(buf[:0], l.prefix...), e, id, params))
 }
 
 // get reads one value: redis.Nil when it is absent.

@@ -72,14 +72,14 @@ func (c *Cache[V]) readChecked(ctx context.Context, k Key, seq uint64) (rkey str
 		var data []byte
 		gok := trusted
 		if trusted {
-			rkey = c.l2.readKey(k)
+			rkey = c.l2.key(k)
 			data, err = c.l2.get(ctx, rkey)
 		} else {
 			var genKey string
 			rkey, genKey = c.l2.readKeys(k)
 			data, g, gok, err = c.readWithGen(ctx, rkey, genKey)
 			if gok {
-				c.trustGen(head, g, seq, func() uint64 { return c.inv.of(k) })
+				c.trustGen(head, g, seq)
 			}
 		}
 		if err != nil {
@@ -103,11 +103,11 @@ func (c *Cache[V]) trustedGen(name string) (uint64, bool) {
 	return c.gens.get(name)
 }
 
-// trustGen trusts g, read from Redis as name's generation when the invalidation sequence of name
-// was seq (cur reads it now), unless an invalidation has run since.
-func (c *Cache[V]) trustGen(name string, g, seq uint64, cur func() uint64) {
+// trustGen trusts g, read from Redis as name's generation when name's invalidation sequence
+// (invalidations.ofName) was seq, unless an invalidation has run since.
+func (c *Cache[V]) trustGen(name string, g, seq uint64) {
 	if c.gens != nil && c.subscribed.Load() {
-		c.gens.putIf(name, g, seq, cur)
+		c.gens.putIf(name, g, seq, &c.inv)
 	}
 }
 
@@ -320,7 +320,7 @@ func (c *Cache[V]) tagGenerations(ctx context.Context, tags []string) ([]tagGen,
 		}
 	}
 	for _, t := range out {
-		c.trustGen(t.tag, t.gen, seq, c.inv.global.Load)
+		c.trustGen(t.tag, t.gen, seq)
 	}
 	return out, nil
 }
@@ -457,9 +457,8 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 		if r.reg.st.entityGen, r.reg.d, r.err = metaReply(entityCmds[i]); r.err != nil {
 			continue
 		}
-		k := ks[i]
-		head, _ := k.split()
-		c.trustGen(head, r.reg.st.entityGen, seqs[i], func() uint64 { return c.inv.of(k) })
+		head, _ := ks[i].split()
+		c.trustGen(head, r.reg.st.entityGen, seqs[i])
 		for j, cmd := range tagCmds[i*len(tags) : (i+1)*len(tags)] {
 			g, _, err := metaReply(cmd)
 			if err != nil {
@@ -467,7 +466,7 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 				break
 			}
 			r.reg.st.tags = append(r.reg.st.tags, tagGen{tags[j], g})
-			c.trustGen(tags[j], g, tagSeq, c.inv.global.Load)
+			c.trustGen(tags[j], g, tagSeq)
 		}
 		if r.err == nil && getCmds[i] != nil {
 			if r.data, r.err = getCmds[i].Bytes(); errors.Is(r.err, redis.Nil) {
