@@ -250,7 +250,7 @@ func (c *Cache[V]) readBatch(ctx context.Context, ks []Key, vals []V, found []bo
 		t.l2Hits++
 		if i0 := first[x]; !found[i0] {
 			t.negative++
-		} else if i != i0 {
+		} else if i != int(i0) {
 			vals[i], found[i] = vals[i0], true
 		}
 	}
@@ -281,18 +281,26 @@ func (b *batch[V]) unanswered() (keys []Key, of []int32, stale []*l1entry[V]) {
 }
 
 // distinct returns the distinct keys among ks[pos[j]], for each j its key's index in keys, and for
-// each key the first position (an index in ks) where it appears.
-func distinct(ks []Key, pos []int) (keys []Key, of []int32, first []int) {
-	keys, of, first = make([]Key, 0, len(pos)), make([]int32, len(pos)), make([]int, 0, len(pos))
+// each key the first position (an index in ks) where it appears. When those are all of ks, each
+// once (a batch of distinct keys that L1 does not have), keys is ks itself.
+func distinct(ks []Key, pos []int) (keys []Key, of []int32, first []int32) {
+	of, first = make([]int32, len(pos)), make([]int32, 0, len(pos))
 	t := newHashIndex(len(pos))
 	for j, i := range pos {
 		k := ks[i]
-		x := t.slot(k.h, func(x int32) bool { return keys[x] == k })
+		x := t.slot(k.h, func(x int32) bool { return ks[first[x]] == k })
 		if *x == 0 {
-			keys, first = append(keys, k), append(first, i)
-			*x = int32(len(keys))
+			first = append(first, int32(i))
+			*x = int32(len(first))
 		}
 		of[j] = *x - 1
+	}
+	if len(first) == len(ks) { // pos is increasing: every position, in order
+		return ks, of, first
+	}
+	keys = make([]Key, len(first))
+	for x, i := range first {
+		keys[x] = ks[i]
 	}
 	return keys, of, first
 }

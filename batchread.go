@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/cespare/xxhash/v2"
 	"github.com/redis/go-redis/v9"
@@ -52,7 +53,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 	}
 	if vals == nil {
 		for j := range r.rd {
-			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
+			c.l2.debug(ctx, "GET", r.rkey(j), "ERROR")
 		}
 		return stale
 	}
@@ -80,7 +81,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 	var retry []int32 // values stale against a trusted generation: to be read again (indexes in keys)
 	miss := func(j int, data []byte) {
 		c.guard.record(ctx, false)
-		c.l2.debug(ctx, "GET", r.rkeys[j], "MISS")
+		c.l2.debug(ctx, "GET", r.rkey(j), "MISS")
 		if data != nil {
 			drop, dropData = append(drop, j), append(dropData, data)
 		}
@@ -96,14 +97,14 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 		fresh := e.exp > now
 		c.guard.record(ctx, fresh)
 		if !fresh {
-			c.l2.debug(ctx, "GET", r.rkeys[j], "MISS")
+			c.l2.debug(ctx, "GET", r.rkey(j), "MISS")
 			if stale != nil {
 				fill(j, e) // kept for a GetOrLoad's fail-safe; Get does not serve it
 				stale[i] = e
 			}
 			return
 		}
-		c.l2.debug(ctx, "GET", r.rkeys[j], "HIT")
+		c.l2.debug(ctx, "GET", r.rkey(j), "HIT")
 		fill(j, e)
 		hit(i, e)
 	}
@@ -111,7 +112,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 		s := vals[j]
 		switch {
 		case failed != nil && failed[j]: // this key's GET failed (a Cluster node down)
-			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
+			c.l2.debug(ctx, "GET", r.rkey(j), "ERROR")
 			continue
 		case s == "":
 			miss(j, nil)
@@ -119,10 +120,10 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 		}
 		g := r.genv[r.gen[j]]
 		if g.failed { // unknown generation: the value cannot be checked
-			c.l2.debug(ctx, "GET", r.rkeys[j], "ERROR")
+			c.l2.debug(ctx, "GET", r.rkey(j), "ERROR")
 			continue
 		}
-		data := []byte(s)
+		data := stringBytes(s)
 		e := reuse
 		if e == nil {
 			e = new(l1entry[V])
@@ -196,7 +197,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 	if len(drop) > 0 {
 		err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
 			for x, j := range drop {
-				eval(ctx, p, delIfUnchanged, []string{r.rkeys[j]}, dropData[x])
+				eval(ctx, p, delIfUnchanged, []string{r.rkey(j)}, dropData[x])
 			}
 		})
 		if err != nil {
@@ -220,17 +221,16 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 	return stale
 }
 
-// l2Read is one batch read's plan: MGET args ("mget", then the Redis keys rkeys), which are the
-// values of keys[rd[j]] for j < len(rd), then the generation keys of their entities that this
+// l2Read is one batch read's plan: MGET args ("mget", then the Redis keys), which are the values
+// of keys[rd[j]] for j < len(rd), then the generation keys of their entities that this
 // instance does not trust (gens.go), each once. gen[j] is the index in genv of value j's entity,
 // whose generation is trusted or read from the generation key after the values; seqs[j] (with L1
 // on) is its key's invalidation sequence, read before the read (see fillL1).
 type l2Read struct {
-	rd    []int32
-	gen   []int32
-	seqs  []uint64
-	rkeys []string
-	args  []any
+	rd   []int32
+	gen  []int32
+	seqs []uint64
+	args []any
 	// genv[x] is the x-th entity's generation; first[x] is the index in keys of its first key.
 	// genRead[y] is the entity whose generation key is the y-th after the values, and genSeq[y] its
 	// invalidation sequence before the read.
@@ -244,14 +244,17 @@ type l2Read struct {
 // Every Redis key is written into one buffer and cut from it.
 func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 	var r l2Read
-	r.rd = make([]int32, 0, len(keys))
+	n := len(keys)
+	// rd, gen, first, genRead and ends (below) hold at most n, n, n, n and 2n indexes: one
+	// allocation for all of them.
+	idx := make([]int32, 6*n)
+	r.rd, r.gen, r.first, r.genRead = idx[:0:n], idx[n:n:2*n], idx[2*n:2*n:3*n], idx[3*n:3*n:4*n]
+	ends := idx[4*n : 4*n : 6*n]
 	if c.l1 != nil {
-		r.seqs = make([]uint64, 0, len(keys))
+		r.seqs = make([]uint64, 0, n)
 	}
-	r.gen = make([]int32, 0, len(keys))
-	r.first = make([]int32, 0, len(keys))
-	r.genv = make([]genValue, 0, len(keys))
-	t := newHashIndex(len(keys))
+	r.genv = make([]genValue, 0, n)
+	t := newHashIndex(n)
 	size := 0 // without escapes; the buffer grows if there are any
 	for i, k := range keys {
 		if c.guard.skipRead() { // the hit-rate guard skips the key as it would skip its Get
@@ -262,14 +265,15 @@ func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 			r.seqs = append(r.seqs, c.inv.of(k))
 		}
 		head, _ := k.split()
-		x := t.slot(xxhash.Sum64String(head), func(x int32) bool { h, _ := keys[r.first[x]].split(); return h == head })
+		h := xxhash.Sum64String(head)
+		x := t.slot(h, func(x int32) bool { h, _ := keys[r.first[x]].split(); return h == head })
 		if *x == 0 {
 			r.first = append(r.first, int32(i))
 			*x = int32(len(r.first))
 			var g uint64
 			ok := false
 			if trusting {
-				g, ok = c.trustedGen(head)
+				g, ok = c.trustedGenHashed(head, h)
 			}
 			r.genv = append(r.genv, genValue{gen: g, ok: ok, trusted: ok})
 			if !ok {
@@ -287,29 +291,29 @@ func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 	var b strings.Builder // its String does not copy the buffer
 	b.Grow(size)
 	var scratch [256]byte
-	ends := make([]int, 0, len(r.rd)+len(r.genRead))
 	for _, i := range r.rd {
 		b.WriteString(c.l2.prefix)
 		b.Write(keys[i].appendString(scratch[:0]))
-		ends = append(ends, b.Len())
+		ends = append(ends, int32(b.Len()))
 	}
 	for _, x := range r.genRead {
 		e, id, _ := keys[r.first[x]].parts()
 		b.Write(c.l2.appendEntityGen(scratch[:0], e, id))
-		ends = append(ends, b.Len())
+		ends = append(ends, int32(b.Len()))
 	}
 	all := b.String()
-	r.rkeys = make([]string, len(ends))
 	r.args = make([]any, 1+len(ends))
 	r.args[0] = "mget"
-	start := 0
+	start := int32(0)
 	for x, end := range ends {
-		r.rkeys[x] = all[start:end]
-		r.args[1+x] = r.rkeys[x]
+		r.args[1+x] = all[start:end]
 		start = end
 	}
 	return r
 }
+
+// rkey is the Redis key of the j-th value read.
+func (r *l2Read) rkey(j int) string { return r.args[1+j].(string) }
 
 // readGens takes the generations read with the values (mget's results) into genv, and trusts
 // those it found.
@@ -324,6 +328,12 @@ func (c *Cache[V]) readGens(keys []Key, r *l2Read, vals []string, failed []bool)
 		}
 	}
 }
+
+// stringBytes returns s's bytes without copying them, as go-redis's StringCmd.Bytes does for a
+// single GET: the bytes must not be modified. They go to decodeEnvelope, the codec (Codec says
+// that Unmarshal must not modify its input), xxhash and a Redis command's argument, and none
+// of them writes to its input.
+func stringBytes(s string) []byte { return unsafe.Slice(unsafe.StringData(s), len(s)) }
 
 func contains(ss []string, s string) bool {
 	for _, x := range ss {

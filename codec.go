@@ -11,7 +11,9 @@ import (
 	"github.com/cespare/xxhash/v2"
 )
 
-// Codec turns values into the bytes stored in Redis and back. Unmarshal is given a pointer to a V.
+// Codec turns values into the bytes stored in Redis and back. Unmarshal is given a pointer to a V,
+// and bytes that it must not modify: they alias the reply that go-redis read, not a copy of it.
+// Keeping them after Unmarshal returns is safe, as nothing else writes to them.
 //
 // The default codec (Options.Codec nil) uses a type's own compact binary encoding when the value type
 // V implements encoding.BinaryMarshaler and *V implements encoding.BinaryUnmarshaler, as [ImageMeta]

@@ -59,9 +59,9 @@ func (t *trustedGens) shard(name string) *genShard {
 	return &t.shards[xxhash.Sum64String(name)%genShards]
 }
 
-// get returns the trusted generation of name (an entity's head or a tag).
-func (t *trustedGens) get(name string) (uint64, bool) {
-	s := t.shard(name)
+// get returns the trusted generation of name (an entity's head or a tag), whose xxhash is h.
+func (t *trustedGens) get(name string, h uint64) (uint64, bool) {
+	s := &t.shards[h%genShards]
 	s.mu.Lock()
 	g, ok := s.m[name]
 	s.mu.Unlock()

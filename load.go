@@ -97,10 +97,18 @@ func (c *Cache[V]) readChecked(ctx context.Context, k Key, seq uint64) (rkey str
 // trustedGen returns the generation of name (an entity's head or a tag) that this instance
 // trusts, if any: only while it is subscribed to the bus, which is what keeps the trust coherent.
 func (c *Cache[V]) trustedGen(name string) (uint64, bool) {
+	if c.gens == nil {
+		return 0, false
+	}
+	return c.trustedGenHashed(name, xxhash.Sum64String(name))
+}
+
+// trustedGenHashed is trustedGen given name's xxhash.
+func (c *Cache[V]) trustedGenHashed(name string, h uint64) (uint64, bool) {
 	if c.gens == nil || !c.subscribed.Load() {
 		return 0, false
 	}
-	return c.gens.get(name)
+	return c.gens.get(name, h)
 }
 
 // trustGen trusts g, read from Redis as name's generation when name's invalidation sequence
@@ -153,7 +161,7 @@ func (c *Cache[V]) readWithGen(ctx context.Context, rkey, genKey string) (data [
 	if !ok {
 		return nil, g, gok, redis.Nil
 	}
-	return []byte(s), g, gok, nil
+	return stringBytes(s), g, gok, nil
 }
 
 var (
