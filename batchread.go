@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"time"
 	"unsafe"
 
 	"github.com/cespare/xxhash/v2"
@@ -59,7 +58,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 	}
 	c.readGens(keys, &r, vals, failed)
 	// One clock reading for the batch: its values were read at one moment.
-	now, nowMs := preciseNow(), time.Now().UnixMilli()
+	now, nowMs := clockNowMs()
 	// Without L1 or StaleTTL nothing keeps an entry past hit (a pending one waits in pending): one
 	// will do for all of them.
 	var reuse *l1entry[V]

@@ -442,6 +442,12 @@ var (
 func coarseNow() int64  { return clockNow.Load() }
 func preciseNow() int64 { return int64(time.Since(clockEpoch)) }
 
+// clockNowMs returns preciseNow and the wall clock in Unix milliseconds, from one reading.
+func clockNowMs() (now, unixMs int64) {
+	t := time.Now()
+	return int64(t.Sub(clockEpoch)), t.UnixMilli()
+}
+
 // acquireClock starts the clock goroutine for the first open Cache; releaseClock stops it after the
 // last Cache closes and waits for it to exit.
 func acquireClock() {

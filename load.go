@@ -213,8 +213,8 @@ func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data [
 		c.delUnreadable(ctx, rkey, data)
 		return nil, false, errStale
 	}
-	now := preciseNow()
-	c.finishEntry(e, env, data, now, time.Now().UnixMilli())
+	now, nowMs := clockNowMs()
+	c.finishEntry(e, env, data, now, nowMs)
 	return e, e.exp > now, nil
 }
 
