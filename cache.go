@@ -183,7 +183,8 @@ type Cache[V any] struct {
 	jitter      float64
 	leases      bool
 	lockTTL     time.Duration
-	loadCost    atomic.Int64 // moving average of load durations, for early refresh
+	loadCost    atomic.Int64  // moving average of load durations, for early refresh
+	l2Misses    atomic.Uint32 // moving average of GetOrLoad's Redis misses, in 1/65536ths (see speculate)
 
 	flights flightGroup[V]
 	stats   counters

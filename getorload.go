@@ -145,8 +145,13 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		}
 		// First a plain read, as Get's: a hit costs one GET or MGET and no bookkeeping. Only a
 		// miss registers, takes the lease and reads again, in one more round trip: another
-		// instance may have stored the value in between.
+		// instance may have stored the value in between. While most flights miss in Redis, the
+		// registration's read is the only one (speculate).
 		read := !c.guard.skipRead()
+		get := read // whether the registration reads the value
+		if read && current == nil && c.speculate() {
+			read = false
+		}
 		usable := true
 		if read {
 			_, e, fresh, got, err := c.readChecked(ctx, k, seq)
@@ -154,20 +159,27 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 			case !got && errors.Is(err, redis.Nil):
 				c.l2.debug(ctx, "GET", rkey, "MISS")
 				c.guard.record(ctx, false)
+				if current == nil {
+					c.noteL2Read(false)
+				}
 			case !got:
 				c.countL2Error(err)
 				c.l2.debug(ctx, "GET", rkey, "ERROR")
 				usable = false // Redis is failing: load without it
 			default:
 				var hit bool
-				if hit, usable = judge(e, fresh, err, true); hit {
+				hit, usable = judge(e, fresh, err, true)
+				if current == nil {
+					c.noteL2Read(hit)
+				}
+				if hit {
 					return
 				}
 			}
 		}
 		if usable {
 			detach()
-			rs, err := c.registerMany(ctx, []Key{k}, so.tags, c.maxL2TTL(so), false, []bool{read}, c.leases)
+			rs, err := c.registerMany(ctx, []Key{k}, so.tags, c.maxL2TTL(so), false, []bool{get}, c.leases)
 			if len(rs) > 0 {
 				// A lease taken here is released by obtain, whatever else failed.
 				ls = leaseState{token: rs[0].lease, busy: rs[0].leaseBusy}
@@ -182,11 +194,18 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 					ls = leaseState{}
 				}
 			case rs[0].data == nil:
-				l2ok, absent, reg = true, read, rs[0].reg
+				l2ok, absent, reg = true, get, rs[0].reg
+				if get && !read {
+					c.guard.record(ctx, false)
+					c.noteL2Read(false)
+				}
 			default:
 				r := rs[0]
 				e, fresh, err := c.decodeChecked(ctx, k, rkey, r.data, r.reg.st.entityGen, true, r.reg.st.tags, trustNone)
-				hit, usable := judge(e, fresh, err, false)
+				hit, usable := judge(e, fresh, err, !read)
+				if !read {
+					c.noteL2Read(hit)
+				}
 				if hit {
 					if ls.token != "" && !ls.busy {
 						c.releaseLease(ctx, k, ls.token)
@@ -259,6 +278,29 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 			cancel()
 			c.flights.release(k, f)
 		}(stale, stop, cancel)
+	}
+}
+
+// speculate reports whether a GetOrLoad that L1 cannot answer should skip its plain read of Redis
+// and read the value in its registration's round trip instead. A plain read costs one round trip
+// for a hit and three for a miss (the read, the registration with the lease, the write); going
+// straight to the registration costs two either way (a hit then releases the lease it took). So
+// it pays while more than half of GetOrLoad's reads of Redis miss, as l2Misses, their moving
+// average over about the last eight, estimates: on a cold or miss-heavy cache, not on a warm one.
+func (c *Cache[V]) speculate() bool { return c.l2Misses.Load() > 1<<15 }
+
+// noteL2Read adds the outcome of one GetOrLoad's read of Redis to l2Misses: its new value moves an
+// eighth of the way to 1 for a miss, to 0 for a hit.
+func (c *Cache[V]) noteL2Read(hit bool) {
+	var x uint32
+	if !hit {
+		x = 1 << 16
+	}
+	for {
+		old := c.l2Misses.Load()
+		if c.l2Misses.CompareAndSwap(old, old-old/8+x/8) {
+			return
+		}
 	}
 }
 

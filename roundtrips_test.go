@@ -76,6 +76,71 @@ func TestGetOrLoadRoundTrips(t *testing.T) {
 	}
 }
 
+// While most of GetOrLoad's reads of Redis miss, a miss skips the plain read: its registration
+// reads the value, and the miss costs two round trips instead of three. Once values are found
+// again, a hit costs the registration and the lease's release for a few calls, and then one GET
+// again. Every value is still loaded once and found where it is.
+func TestGetOrLoadSpeculatesWhileMissesDominate(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	o.L1Size = -1 // every call reads Redis
+	c, rt := countedCache(t, e, o)
+	loads := 0
+	load := func(_ context.Context, id string) func(context.Context) (ImageMeta, error) {
+		return func(context.Context) (ImageMeta, error) { loads++; return metaV(id, 1), nil }
+	}
+	key := func(i int) Key { return NewKey("artist", fmt.Sprint("spec", i)) }
+	getOrLoad := func(i int) []string {
+		t.Helper()
+		rt.take()
+		v, err := c.GetOrLoad(ctx, key(i), load(ctx, fmt.Sprint("spec", i)))
+		if err != nil || v.ETag != fmt.Sprintf(`"spec%d-v1"`, i) {
+			t.Fatalf("GetOrLoad(%d) = %s, %v", i, v.ETag, err)
+		}
+		return calls(rt)
+	}
+
+	var trips []int // round trips of each miss
+	for i := range 10 {
+		trips = append(trips, len(getOrLoad(i)))
+	}
+	// The sixth miss takes the average of misses past one half (1 - (7/8)^6 = 0.55).
+	if want := []int{3, 3, 3, 3, 3, 3, 2, 2, 2, 2}; !slices.Equal(trips, want) {
+		t.Errorf("ten misses took %v round trips, want %v", trips, want)
+	}
+	if names := getOrLoad(10); !slices.Equal(names, []string{"get get evalsha set", "set hget evalsha get"}) {
+		t.Errorf("a miss while misses dominate made the calls %q", names)
+	}
+	if loads != 11 {
+		t.Errorf("%d loads for 11 misses", loads)
+	}
+
+	// Hits now. After eleven misses the moving average stands at 0.77; the first four hits, made
+	// through the registration, bring it under one half.
+	trips = trips[:0]
+	for i := range 8 {
+		names := getOrLoad(i)
+		trips = append(trips, len(names))
+		if len(names) == 2 && names[1] != "evalsha" {
+			t.Errorf("a speculative hit made the calls %q, want the lease's release second", names)
+		}
+	}
+	if want := []int{2, 2, 2, 2, 1, 1, 1, 1}; !slices.Equal(trips, want) {
+		t.Errorf("eight hits took %v round trips, want %v", trips, want)
+	}
+	if loads != 11 {
+		t.Errorf("%d loads, want 11: a hit loaded", loads)
+	}
+	for i := range 8 {
+		if n := e.rdb.Exists(ctx, c.leaseKey(key(i))).Val(); n != 0 {
+			t.Errorf("key %d: a lease is still held", i)
+		}
+	}
+	if s := c.Stats(); s.L2Hits != 8 || s.Misses != 11 {
+		t.Errorf("L2Hits %d, Misses %d; want 8 and 11", s.L2Hits, s.Misses)
+	}
+}
+
 // On a Cluster (here a one-shard Ring) the lease cannot be released in the write's pipeline, whose
 // keys live on other nodes: the load releases it after its write and check.
 func TestGetOrLoadReleasesItsLeaseOnACluster(t *testing.T) {
