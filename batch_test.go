@@ -119,7 +119,7 @@ func etags(vals []ImageMeta, found []bool) []string {
 }
 
 func TestGetManyMixedLevelsAndDuplicates(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts round trips (one MGET on a single node)
 	writer := newCache[ImageMeta](e, e.opts())
 	c, rt := countedCache(t, e, e.opts())
 	inL1 := NewKey("artist", "1")
@@ -197,7 +197,7 @@ func TestGetManyMixedLevelsAndDuplicates(t *testing.T) {
 // makes its values misses. Once the reader trusts the generations it read (gens.go), a batch is
 // one MGET of the values alone.
 func TestGetManyChecksTagsInOneRoundTrip(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts round trips (one MGET on a single node)
 	writer := newCache[ImageMeta](e, e.opts())
 	o := e.opts()
 	o.L1Size = -1
@@ -270,8 +270,8 @@ func TestGetManyValidatesValues(t *testing.T) {
 // On a client other than *redis.Client (a Ring here; a Cluster takes the same path), the batch is
 // a pipeline of GETs, which go-redis splits by node.
 func TestGetManyOnARing(t *testing.T) {
-	e := newEnv(t)
-	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": e.rdb.Options().Addr}, ContextTimeoutEnabled: true})
+	e := newNodeEnv(t) // a Ring over one node's address
+	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": e.node().Options().Addr}, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { _ = ring.Close() })
 	rt := &roundTrips{}
 	ring.AddHook(rt)
@@ -443,7 +443,7 @@ func TestBatchBadInputClosedAndNilLoader(t *testing.T) {
 }
 
 func TestGetOrLoadManyLoadsTheMissingKeysOnce(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts round trips (one MGET on a single node)
 	o := e.opts()
 	o.L2Timeout = 5 * time.Second // 40 scripts on miniredis under -race can take longer than 100ms
 	c, rt := countedCache(t, e, o)
@@ -852,7 +852,7 @@ func TestGetOrLoadManyNoStaleResurrection(t *testing.T) {
 // An invalidation that reaches an instance while its batch read is in flight keeps the read's
 // values out of its L1.
 func TestGetManyReadInFlightDuringInvalidationDoesNotFillL1(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // holds the MGET that only a single node's batch sends
 	k := NewKey("artist", "4").With("type", "avatar")
 	other := NewKey("artist", "5")
 	hook := newHold("mget", e.redisKey(k), true) // after the reply, before the cache sees it

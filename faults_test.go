@@ -142,8 +142,8 @@ func (p *proxy) close() {
 
 // newProxiedEnv returns an env whose client reaches Redis (real or miniredis) through a proxy.
 func newProxiedEnv(t *testing.T) (*testEnv, *proxy) {
-	e := newEnv(t)
-	p := newProxy(t, e.rdb.Options().Addr)
+	e := newNodeEnv(t) // the proxy forwards to one address
+	p := newProxy(t, e.node().Options().Addr)
 	rdb := redis.NewClient(&redis.Options{Addr: p.addr(), ContextTimeoutEnabled: true})
 	t.Cleanup(func() { _ = rdb.Close() })
 	e.rdb = rdb

@@ -17,7 +17,7 @@ import (
 // an MGET of the value and its generation key, later reads a GET, whatever the key's parameters.
 // With GenerationTTL negative every read is an MGET.
 func TestTrustedGenerationReadsTheValueAlone(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts the commands of a single node's reads
 	writer := newCache[ImageMeta](e, e.opts())
 	k1 := NewKey("artist", "alone").With("size", "1")
 	k2 := NewKey("artist", "alone").With("size", "2")
@@ -114,7 +114,7 @@ func TestInvalidationReachesTrustedGenerations(t *testing.T) {
 // message has not arrived) is read again with its generation key and served; the new generation is
 // trusted from then on. Nothing counts as stale.
 func TestStampNewerThanTrustedGenerationIsReadAgain(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts the commands of a single node's reads
 	o := e.opts()
 	o.L1Size = -1
 	c, rt := countedCache(t, e, o)
@@ -156,7 +156,7 @@ func TestStampNewerThanTrustedGenerationIsReadAgain(t *testing.T) {
 // GetMany leaves trusted generations out of its MGET, and reads a value whose stamp differs from a
 // trusted generation again, in one more MGET with the generation key.
 func TestGetManyTrustsGenerations(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts the commands of a single node's reads
 	o := e.opts()
 	o.L1Size = -1
 	c, rt := countedCache(t, e, o)
@@ -234,7 +234,7 @@ func TestResubscriptionForgetsTrustedGenerations(t *testing.T) {
 
 // A generation is trusted for GenerationTTL at most: then a read reads it again.
 func TestGenerationTTLBoundsTheTrust(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts the commands of a single node's reads
 	o := e.opts()
 	o.L1Size = -1
 	o.GenerationTTL = 20 * time.Millisecond
@@ -389,10 +389,10 @@ func TestFailedInvalidationStillReachesTrustedGenerations(t *testing.T) {
 		{"tag", func(c *Cache[ImageMeta]) error { return c.InvalidateTags(ctx, "album:fail") }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t)
+			e := newNodeEnv(t) // a hooked *redis.Client on one node's address
 			o := e.opts()
 			o.L1Size = -1
-			failing := redis.NewClient(&redis.Options{Addr: e.rdb.Options().Addr, ContextTimeoutEnabled: true})
+			failing := redis.NewClient(&redis.Options{Addr: e.node().Options().Addr, ContextTimeoutEnabled: true})
 			failing.AddHook(failUnlink{})
 			t.Cleanup(func() { _ = failing.Close() })
 			fo := o
@@ -465,7 +465,7 @@ func TestOutboxWaitsForRedis(t *testing.T) {
 // A value written under a tag generation newer than the one this instance trusts is read again
 // with the tag's generation from Redis, and served.
 func TestStampNewerThanTrustedTagIsReadAgain(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts the commands of a single node's reads
 	o := e.opts()
 	o.L1Size = -1
 	c, rt := countedCache(t, e, o)

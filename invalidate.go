@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
@@ -232,7 +233,7 @@ func (c *Cache[V]) InvalidatePattern(ctx context.Context, pattern string) (int, 
 	if err != nil {
 		return fail(err)
 	}
-	removed := 0
+	var removed atomic.Int64 // scanEach walks a Cluster's masters concurrently
 	err = c.l2.scanEach(ctx, p.redisMatch(c.l2.prefix), func(ctx context.Context, node redis.Cmdable, keys []string) error {
 		var cmds []*redis.IntCmd
 		err := c.l2.call(ctx, func(ctx context.Context) error {
@@ -247,7 +248,7 @@ func (c *Cache[V]) InvalidatePattern(ctx context.Context, pattern string) (int, 
 			return err
 		})
 		for _, cmd := range cmds {
-			removed += int(cmd.Val())
+			removed.Add(cmd.Val())
 		}
 		return err
 	})
@@ -256,7 +257,7 @@ func (c *Cache[V]) InvalidatePattern(ctx context.Context, pattern string) (int, 
 	}
 	c.dropL1Pattern(p) // again: see Delete
 	c.send(ctx, busPattern, []string{pattern})
-	return removed, nil
+	return int(removed.Load()), nil
 }
 
 // pattern is a parsed InvalidatePattern argument. Each part is a list of literal segments with a

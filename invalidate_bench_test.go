@@ -156,8 +156,8 @@ func benchInvalidate(b *testing.B,
 // b ends, after the caches made on it are closed (newCache registers their Close later, so it runs
 // first).
 func newRealEnv(b *testing.B) *testEnv {
-	e := newEnv(b)
-	b.Cleanup(func() { unlinkMatching(b, e.rdb, e.ns+":*") })
+	e := newNodeEnv(b) // the benchmarks measure one node; unlinkMatching scans one
+	b.Cleanup(func() { unlinkMatching(b, e.node(), e.ns+":*") })
 	return e
 }
 
@@ -267,7 +267,7 @@ func BenchmarkBusPropagation(b *testing.B) {
 	var caches [3]*Cache[ImageMeta]
 	var heard [3]chan time.Time
 	for i := range caches {
-		rdb := redis.NewClient(&redis.Options{Addr: e.rdb.Options().Addr, ContextTimeoutEnabled: true})
+		rdb := redis.NewClient(&redis.Options{Addr: e.node().Options().Addr, ContextTimeoutEnabled: true})
 		b.Cleanup(func() { _ = rdb.Close() }) // after the cache's Close, which is registered next
 		o := e.opts()
 		o.Redis = rdb

@@ -444,7 +444,7 @@ func TestNoStaleResurrection(t *testing.T) {
 }
 
 func TestL2ReadInFlightDuringInvalidationDoesNotFillL1(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // holds the MGET that only a single node's read sends
 	k := NewKey("artist", "4").With("type", "avatar")
 	// Hold the read (MGET of the value and its generation) after its reply arrived and before the
 	// cache sees it: an L2 read in flight.
@@ -525,8 +525,8 @@ func (e *testEnv) killPubSub(t *testing.T) {
 
 // namedEnv returns an env whose client names its connections after the namespace.
 func namedEnv(t *testing.T) *testEnv {
-	e := newEnv(t)
-	rdb := redis.NewClient(&redis.Options{Addr: e.rdb.Options().Addr, ContextTimeoutEnabled: true, ClientName: e.ns})
+	e := newNodeEnv(t) // killPubSub lists one node's clients
+	rdb := redis.NewClient(&redis.Options{Addr: e.node().Options().Addr, ContextTimeoutEnabled: true, ClientName: e.ns})
 	t.Cleanup(func() { _ = rdb.Close() })
 	e.rdb = rdb
 	return e

@@ -443,7 +443,9 @@ func pipelineErr(err error) error {
 }
 
 // scanEach runs SCAN MATCH over every master (one node, each Cluster master, each Ring shard) and
-// calls fn with each batch and the client of the node that holds it.
+// calls fn with each batch and the client of the node that holds it. On a Cluster or a Ring the
+// nodes are walked concurrently (ForEachMaster, ForEachShard), so fn runs on several goroutines at
+// once: what it shares must be synchronised.
 func (l *l2) scanEach(ctx context.Context, match string, fn func(ctx context.Context, node redis.Cmdable, keys []string) error) error {
 	scan := func(ctx context.Context, node *redis.Client) error {
 		var cursor uint64

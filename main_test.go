@@ -7,6 +7,7 @@ import (
 	"os"
 	"regexp"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,17 +31,50 @@ func (quietLogger) Printf(context.Context, string, ...any) {}
 // realRedisAddr is where the real-Redis suite runs; empty means miniredis only.
 var realRedisAddr = os.Getenv("IMGCACHE_REDIS_ADDR")
 
-// testEnv is one test's Redis: a fresh miniredis by default, or the real Redis at
-// IMGCACHE_REDIS_ADDR under a namespace no other test uses.
+// clusterAddrs are the seed nodes of the Redis Cluster the cluster suite runs on
+// (IMGCACHE_REDIS_CLUSTER_ADDRS, comma-separated; scripts/redis-cluster.sh starts one); empty
+// means no cluster run.
+var clusterAddrs = strings.FieldsFunc(os.Getenv("IMGCACHE_REDIS_CLUSTER_ADDRS"), func(r rune) bool { return r == ',' })
+
+// testEnv is one test's Redis: a fresh miniredis by default, the real Redis at IMGCACHE_REDIS_ADDR,
+// or the Redis Cluster at IMGCACHE_REDIS_CLUSTER_ADDRS, under a namespace no other test uses.
 type testEnv struct {
 	t   testing.TB
-	mr  *miniredis.Miniredis // nil against a real Redis
-	rdb *redis.Client
+	mr  *miniredis.Miniredis  // nil against a real Redis
+	rdb redis.UniversalClient // a *redis.Client, or a *redis.ClusterClient in the cluster run
 	ns  string
 }
 
-// newEnv returns a test's Redis. Tests that need miniredis's fault hooks use newMiniEnv instead.
+// newEnv returns a test's Redis: the cluster when IMGCACHE_REDIS_CLUSTER_ADDRS is set, else as
+// newNodeEnv. Tests that need miniredis's fault hooks use newMiniEnv instead, and tests that need
+// one node (a hook on its client, CLIENT LIST, CONFIG SET, a proxy to its address) newNodeEnv.
 func newEnv(t testing.TB) *testEnv {
+	t.Helper()
+	if len(clusterAddrs) > 0 {
+		return newClusterEnv(t)
+	}
+	return newNodeEnv(t)
+}
+
+// newClusterEnv returns an env on the Redis Cluster at IMGCACHE_REDIS_CLUSTER_ADDRS, and skips the
+// test without it.
+func newClusterEnv(t testing.TB) *testEnv {
+	t.Helper()
+	if len(clusterAddrs) == 0 {
+		t.Skip("IMGCACHE_REDIS_CLUSTER_ADDRS is not set (scripts/redis-cluster.sh start prints it)")
+	}
+	rdb := redis.NewClusterClient(&redis.ClusterOptions{Addrs: clusterAddrs, ContextTimeoutEnabled: true})
+	t.Cleanup(func() { _ = rdb.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := rdb.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error { return c.Ping(ctx).Err() }); err != nil {
+		t.Fatalf("IMGCACHE_REDIS_CLUSTER_ADDRS=%s: %v", strings.Join(clusterAddrs, ","), err)
+	}
+	return &testEnv{t: t, rdb: rdb, ns: uniqueNamespace(t)}
+}
+
+// newNodeEnv returns a single node: the real Redis at IMGCACHE_REDIS_ADDR, else miniredis.
+func newNodeEnv(t testing.TB) *testEnv {
 	t.Helper()
 	if realRedisAddr == "" {
 		return newMiniEnv(t)
@@ -92,6 +126,17 @@ func newCache[V any](e *testEnv, o Options) *Cache[V] {
 	return c
 }
 
+// node returns the env's client as a single node's, for a test that made its env with newNodeEnv
+// or newMiniEnv.
+func (e *testEnv) node() *redis.Client {
+	e.t.Helper()
+	c, ok := e.rdb.(*redis.Client)
+	if !ok {
+		e.t.Fatalf("the env's client is a %T: this test needs newNodeEnv", e.rdb)
+	}
+	return c
+}
+
 // redisKey is the full Redis key of k in this env's namespace.
 func (e *testEnv) redisKey(k Key) string { return e.ns + ":" + k.String() }
 
@@ -139,12 +184,26 @@ func (e *testEnv) namespaceKeys() []string {
 
 func (e *testEnv) allNamespaceKeys() []string {
 	e.t.Helper()
-	var keys []string
-	iter := e.rdb.Scan(context.Background(), 0, e.ns+":*", 1000).Iterator()
-	for iter.Next(context.Background()) {
-		keys = append(keys, iter.Val())
+	var (
+		mu   sync.Mutex
+		keys []string
+	)
+	scan := func(ctx context.Context, node *redis.Client) error {
+		iter := node.Scan(ctx, 0, e.ns+":*", 1000).Iterator()
+		for iter.Next(ctx) {
+			mu.Lock()
+			keys = append(keys, iter.Val())
+			mu.Unlock()
+		}
+		return iter.Err()
 	}
-	if err := iter.Err(); err != nil {
+	var err error
+	if c, ok := e.rdb.(*redis.ClusterClient); ok {
+		err = c.ForEachMaster(context.Background(), scan) // a SCAN sees one node's keys
+	} else {
+		err = scan(context.Background(), e.node())
+	}
+	if err != nil {
 		e.t.Fatalf("SCAN: %v", err)
 	}
 	return keys

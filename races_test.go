@@ -70,7 +70,7 @@ func (h *holdPipeline) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 
 // heldClient is a client on e's Redis with hook h.
 func heldClient(t *testing.T, e *testEnv, h redis.Hook) *redis.Client {
-	c := redis.NewClient(&redis.Options{Addr: e.rdb.Options().Addr, ContextTimeoutEnabled: true})
+	c := redis.NewClient(&redis.Options{Addr: e.node().Options().Addr, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { _ = c.Close() })
 	c.AddHook(h)
 	return c
@@ -80,27 +80,38 @@ func heldClient(t *testing.T, e *testEnv, h redis.Hook) *redis.Client {
 // the paths it takes on a Cluster, where the keys a load writes and checks live on different nodes
 // (write, then verify, then take back).
 func heldRing(t *testing.T, e *testEnv, h redis.Hook) *redis.Ring {
-	r := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"one": e.rdb.Options().Addr}, ContextTimeoutEnabled: true})
+	r := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"one": e.node().Options().Addr}, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { _ = r.Close() })
 	r.AddHook(h)
 	return r
 }
 
+// heldCluster is a client on e's Redis Cluster with hook h, which sees each command and each
+// pipeline before go-redis splits it by node.
+func heldCluster(t *testing.T, e *testEnv, h redis.Hook) *redis.ClusterClient {
+	c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: clusterAddrs, ContextTimeoutEnabled: true})
+	t.Cleanup(func() { _ = c.Close() })
+	c.AddHook(h)
+	return c
+}
+
 // writePaths are the two ways a load writes and checks: on a single Redis in one pipeline that
-// also releases the load's lease if its epochs did not move; on a Cluster (here a Ring) the write
-// first, then the check, and the lease after.
+// also releases the load's lease if its epochs did not move; on a Cluster (a one-shard Ring, and
+// the real Cluster in the cluster run) the write first, then the check, and the lease after.
 var writePaths = []struct {
 	name   string
+	env    func(testing.TB) *testEnv
 	client func(*testing.T, *testEnv, redis.Hook) redis.UniversalClient
 }{
-	{"single", func(t *testing.T, e *testEnv, h redis.Hook) redis.UniversalClient { return heldClient(t, e, h) }},
-	{"ring", func(t *testing.T, e *testEnv, h redis.Hook) redis.UniversalClient { return heldRing(t, e, h) }},
+	{"single", newNodeEnv, func(t *testing.T, e *testEnv, h redis.Hook) redis.UniversalClient { return heldClient(t, e, h) }},
+	{"ring", newNodeEnv, func(t *testing.T, e *testEnv, h redis.Hook) redis.UniversalClient { return heldRing(t, e, h) }},
+	{"cluster", newClusterEnv, func(t *testing.T, e *testEnv, h redis.Hook) redis.UniversalClient { return heldCluster(t, e, h) }},
 }
 
 // A read on the invalidating instance, between its L1 drop and its Redis delete, must not leave the
 // old value in its L1 (it ignores its own bus message).
 func TestLocalReadDuringOwnDelete(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // a hooked *redis.Client on one node's address
 	k := NewKey("artist", "local")
 	hold := newHold("unlink", e.redisKey(k), false)
 	opts := e.opts()
@@ -149,7 +160,7 @@ func loadDuringDelete(t *testing.T, c, deleter *Cache[ImageMeta], k Key, id stri
 func TestWriteWithLostReplyIsTakenBack(t *testing.T) {
 	for _, wp := range writePaths {
 		t.Run(wp.name, func(t *testing.T) {
-			e := newEnv(t)
+			e := wp.env(t)
 			k := NewKey("artist", "lost")
 			hold := newHold("set", e.redisKey(k), true)
 			hold.lie = context.DeadlineExceeded
@@ -180,7 +191,7 @@ func TestWriteWithLostReplyIsTakenBack(t *testing.T) {
 func TestTakenBackWriteLeavesNoCopyElsewhere(t *testing.T) {
 	for _, wp := range writePaths {
 		t.Run(wp.name, func(t *testing.T) {
-			e := newEnv(t)
+			e := wp.env(t)
 			k := NewKey("artist", "window")
 			hold := newHold("evalsha", delIfUnchanged.Hash(), false) // the take-back
 			opts := e.opts()
@@ -492,7 +503,7 @@ func TestBreakerOpensForCallersWithShortDeadlines(t *testing.T) {
 func TestLeaseWaiterAfterDeleteGetsNewValue(t *testing.T) {
 	for _, wp := range writePaths {
 		t.Run(wp.name, func(t *testing.T) {
-			e := newEnv(t)
+			e := wp.env(t)
 			k := NewKey("artist", "lw")
 			// Held: the take-back of the holder's stale write, which is in Redis meanwhile. Its
 			// lease must still be held: the write's pipeline did not release it, the epoch having

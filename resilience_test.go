@@ -474,14 +474,14 @@ func (f *failWrites) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.P
 // storm, and the breaker stays closed (a Redis that answers OOM is up). With a real Redis the
 // second part runs against a redis-server of the test's own at maxmemory.
 func TestRedisOutOfMemory(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // a hooked *redis.Client on one node's address
 	warmC := newCache[ImageMeta](e, e.opts())
 	stored := NewKey("artist", "stored")
 	if err := warmC.Set(ctx, stored, metaV("stored", 1)); err != nil {
 		t.Fatal(err)
 	}
 	hook := &failWrites{}
-	full := redis.NewClient(&redis.Options{Addr: e.rdb.Options().Addr, ContextTimeoutEnabled: true})
+	full := redis.NewClient(&redis.Options{Addr: e.node().Options().Addr, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { _ = full.Close() })
 	full.AddHook(hook)
 	opts := e.opts()

@@ -38,7 +38,7 @@ func withoutHandshakes(calls [][][]any) (names []string, kept [][][]any) {
 // round trips on a single Redis: the read, the registration with the lease, and the write with its
 // check and the lease's release.
 func TestGetOrLoadRoundTrips(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts a single node's round trips
 	o := e.opts()
 	o.L1Size = -1 // every call reads Redis
 	c, rt := countedCache(t, e, o)
@@ -81,7 +81,7 @@ func TestGetOrLoadRoundTrips(t *testing.T) {
 // again, a hit costs the registration and the lease's release for a few calls, and then one GET
 // again. Every value is still loaded once and found where it is.
 func TestGetOrLoadSpeculatesWhileMissesDominate(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts a single node's round trips
 	o := e.opts()
 	o.L1Size = -1 // every call reads Redis
 	c, rt := countedCache(t, e, o)
@@ -141,35 +141,40 @@ func TestGetOrLoadSpeculatesWhileMissesDominate(t *testing.T) {
 	}
 }
 
-// On a Cluster (here a one-shard Ring) the lease cannot be released in the write's pipeline, whose
-// keys live on other nodes: the load releases it after its write and check.
+// On a Cluster (a one-shard Ring, and the real Cluster in the cluster run) the lease cannot be
+// released in the write's pipeline, whose keys live on other nodes: the load releases it after its
+// write and check.
 func TestGetOrLoadReleasesItsLeaseOnACluster(t *testing.T) {
-	e := newEnv(t)
-	rt := &roundTrips{}
-	o := e.opts()
-	o.Redis = heldRing(t, e, rt)
-	c := newCache[ImageMeta](e, o)
-	k := NewKey("artist", "ring")
-	rt.take()
-	if _, err := c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("ring", 1), nil }); err != nil {
-		t.Fatal(err)
-	}
-	names := calls(rt)
-	if len(names) == 0 || names[len(names)-1] != "evalsha" {
-		t.Errorf("calls %q: want the lease's release last", names)
-	}
-	if n := e.rdb.Exists(ctx, c.leaseKey(k)).Val(); n != 0 {
-		t.Error("the load's lease is still held")
-	}
-	if e.raw(k) == "" {
-		t.Error("the loaded value is not in Redis")
+	for _, wp := range writePaths[1:] {
+		t.Run(wp.name, func(t *testing.T) {
+			e := wp.env(t)
+			rt := &roundTrips{}
+			o := e.opts()
+			o.Redis = wp.client(t, e, rt)
+			c := newCache[ImageMeta](e, o)
+			k := NewKey("artist", "ring")
+			rt.take()
+			if _, err := c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("ring", 1), nil }); err != nil {
+				t.Fatal(err)
+			}
+			names := calls(rt)
+			if len(names) == 0 || names[len(names)-1] != "evalsha" {
+				t.Errorf("calls %q: want the lease's release last", names)
+			}
+			if n := e.rdb.Exists(ctx, c.leaseKey(k)).Val(); n != 0 {
+				t.Error("the load's lease is still held")
+			}
+			if e.raw(k) == "" {
+				t.Error("the loaded value is not in Redis")
+			}
+		})
 	}
 }
 
 // A Redis whose script cache was emptied (a restart, SCRIPT FLUSH) answers NOSCRIPT to the
 // EVALSHAs of the hot paths; they are sent again as EVAL, and nothing is lost.
 func TestScriptsSurviveAnEmptiedScriptCache(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t) // counts a single node's round trips
 	o := e.opts()
 	c, rt := countedCache(t, e, o)
 	other := newCache[ImageMeta](e, e.opts())
