@@ -599,7 +599,12 @@ func TestLoaderPanicBecomesAnError(t *testing.T) {
 
 func TestUnreadableValuesAreMissesAndDeleted(t *testing.T) {
 	e := newEnv(t)
-	c := newCache[ImageMeta](e, e.opts())
+	o := e.opts()
+	// Not a timeout test: deleting the oversized value sends 1 MiB back through a script, which
+	// miniredis under -race, beside other packages' tests, can take longer than the default 100 ms
+	// to answer, and a timeout would count one more L2 error.
+	o.L2Timeout = 5 * time.Second
+	c := newCache[ImageMeta](e, o)
 	jsonCache := newCache[ImageMeta](e, Options{Redis: e.rdb, Namespace: e.ns, Codec: jsonCodec{}})
 	big := bytes.Repeat([]byte{'x'}, DefaultMaxValueSize+1)
 	header := appendHeader(nil, c.codecID, false, time.Now().Add(time.Hour).UnixMilli(), stamp{})
@@ -777,19 +782,15 @@ func TestStatsAreExactUnderConcurrency(t *testing.T) {
 
 func TestDebugLogNamesKeysNotValues(t *testing.T) {
 	e := newEnv(t)
-	var buf bytes.Buffer
-	var mu sync.Mutex
 	opts := e.opts()
-	opts.Logger = slog.New(slog.NewTextHandler(lockedWriter{&mu, &buf}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	logged := captureLog(&opts, slog.LevelDebug)
 	opts.L1Size = -1 // every read reaches Redis
 	c := newCache[ImageMeta](e, opts)
 	k := NewKey("artist", "12").With("type", "avatar")
 	_, _ = c.Get(ctx, k)
 	_ = c.Set(ctx, k, sampleMeta("secret-path"))
 	_, _ = c.Get(ctx, k)
-	mu.Lock()
-	out := buf.String()
-	mu.Unlock()
+	out := logged()
 	rkey := e.redisKey(k)
 	for _, want := range []string{
 		`msg="imgcache L2 GET" key=` + rkey + " result=MISS",
@@ -809,15 +810,29 @@ func TestDebugLogNamesKeysNotValues(t *testing.T) {
 	_, _ = silent.Get(ctx, k)
 }
 
-type lockedWriter struct {
-	mu *sync.Mutex
-	w  *bytes.Buffer
+// captureLog sets o.Logger to a text logger at level and returns what it has logged so far.
+func captureLog(o *Options, level slog.Level) (logged func() string) {
+	w := &lockedBuffer{}
+	o.Logger = slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+	return w.String
 }
 
-func (l lockedWriter) Write(p []byte) (int, error) {
+// lockedBuffer is a bytes.Buffer that the cache's goroutines may write while a test reads it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.w.Write(p)
+	return l.buf.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
 }
 
 // fakeCache shows that services can fake the cache in their own tests through Interface.

@@ -207,3 +207,24 @@ func TestBlackholedRedisCostsAboutL2Timeout(t *testing.T) {
 		t.Errorf("Set after Redis came back: %v", err)
 	}
 }
+
+// A speculating GetOrLoad (most recent reads missed) whose registration times out does not read
+// again: with Redis blackholed it costs one L2Timeout, as a flight that read first does, not two.
+func TestSpeculatingFlightWaitsOneL2TimeoutAtMost(t *testing.T) {
+	e, p := newProxiedEnv(t)
+	const budget = 100 * time.Millisecond
+	const margin = 60 * time.Millisecond // scheduling under -race on two cores
+	opts := e.opts()
+	opts.L2Timeout = budget
+	c := newCache[ImageMeta](e, opts)
+	c.l2Misses.Store(1 << 16)
+	p.setBlackhole(true)
+	start := time.Now()
+	v, err := c.GetOrLoad(ctx, NewKey("artist", "slow"), func(context.Context) (ImageMeta, error) { return metaV("slow", 1), nil })
+	if d := time.Since(start); d > budget+margin {
+		t.Errorf("GetOrLoad took %v with Redis blackholed, want at most about L2Timeout (%v)", d, budget)
+	}
+	if err != nil || v.ETag != `"slow-v1"` {
+		t.Errorf("GetOrLoad = %s, %v; want the loaded value", v.ETag, err)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math"
 	mrand "math/rand/v2"
+	"net"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -152,29 +153,32 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		if read && current == nil && c.speculate() {
 			read = false
 		}
-		usable := true
-		if read {
+		// plainRead reads k as Get does. hit reports that it published a value; usable is false
+		// when Redis failed, and the flight loads without it.
+		plainRead := func() (hit, usable bool) {
 			_, e, fresh, got, err := c.readChecked(ctx, k, seq)
 			switch {
 			case !got && errors.Is(err, redis.Nil):
 				c.l2.debug(ctx, "GET", rkey, "MISS")
 				c.guard.record(ctx, false)
-				if current == nil {
-					c.noteL2Read(false)
-				}
+				usable = true
 			case !got:
 				c.countL2Error(err)
 				c.l2.debug(ctx, "GET", rkey, "ERROR")
-				usable = false // Redis is failing: load without it
+				return false, false
 			default:
-				var hit bool
 				hit, usable = judge(e, fresh, err, true)
-				if current == nil {
-					c.noteL2Read(hit)
-				}
-				if hit {
-					return
-				}
+			}
+			if current == nil {
+				c.noteL2Read(hit)
+			}
+			return hit, usable
+		}
+		usable := true
+		if read {
+			var hit bool
+			if hit, usable = plainRead(); hit {
+				return
 			}
 		}
 		if usable {
@@ -193,9 +197,28 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 				if ls.busy { // Redis is failing: load here rather than wait on it
 					ls = leaseState{}
 				}
+				if ls.token != "" && failedSlowly(err) {
+					// The lease may be held (its SET's reply was lost), and its release would wait
+					// on the slow Redis too: it goes on without the callers.
+					c.releaseLeaseLater(k, ls.token)
+					ls = leaseState{}
+				}
+				// A speculating flight has not read k, and unless Redis is slow it may still answer
+				// a read (it refused a script at maxmemory; on a Cluster, only the pattern epoch's
+				// node is down): read as Get does, for a value to serve, or a stale one for the
+				// fail-safe.
+				if get && !read && !failedSlowly(err) {
+					if hit, _ := plainRead(); hit {
+						if ls.token != "" {
+							c.releaseLease(ctx, k, ls.token)
+						}
+						return
+					}
+				}
 			case rs[0].data == nil:
 				l2ok, absent, reg = true, get, rs[0].reg
 				if get && !read {
+					c.l2.debug(ctx, "GET", rkey, "MISS")
 					c.guard.record(ctx, false)
 					c.noteL2Read(false)
 				}
@@ -279,6 +302,13 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 			c.flights.release(k, f)
 		}(stale, stop, cancel)
 	}
+}
+
+// failedSlowly reports whether err says that Redis did not answer in time, or that the breaker
+// kept it from being asked: asking again would cost another wait.
+func failedSlowly(err error) bool {
+	var ne net.Error
+	return errors.Is(err, ErrBreakerOpen) || errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 // speculate reports whether a GetOrLoad that L1 cannot answer should skip its plain read of Redis
@@ -566,6 +596,16 @@ func (c *Cache[V]) acquireLease(ctx context.Context, k Key) (token string, got b
 var releaseLeaseScript = redis.NewScript(`
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0`)
+
+// releaseLeaseLater releases k's lease, if token holds it, in a goroutine that Close waits for. A
+// flight calls it, and holds the flight group open meanwhile, so the Add cannot race Close's Wait.
+func (c *Cache[V]) releaseLeaseLater(k Key, token string) {
+	c.flights.wg.Add(1)
+	go func() {
+		defer c.flights.wg.Done()
+		c.releaseLease(c.base, k, token)
+	}()
+}
 
 func (c *Cache[V]) releaseLease(ctx context.Context, k Key, token string) {
 	_ = c.l2.call(context.WithoutCancel(ctx), func(ctx context.Context) error {

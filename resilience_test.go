@@ -347,11 +347,9 @@ func TestHitRateGuard(t *testing.T) {
 	e := newEnv(t)
 	// The writer encodes with JSON, the reader expects the binary form: no read ever hits.
 	writer := newCache[ImageMeta](e, Options{Redis: e.rdb, Namespace: e.ns, Codec: jsonCodec{}})
-	var logs bytes.Buffer
-	var mu sync.Mutex
 	opts := e.opts()
 	opts.L1Size = -1
-	opts.Logger = slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	logged := captureLog(&opts, slog.LevelWarn)
 	opts.HitRateGuard = &HitRateGuard{MinReads: 20, ProbeEvery: 10}
 	reader := newCache[ImageMeta](e, opts)
 	keys := make([]Key, 20)
@@ -378,9 +376,7 @@ func TestHitRateGuard(t *testing.T) {
 	if err := reader.Set(ctx, k, metaV("w", 1)); err != nil || e.raw(k) == "" {
 		t.Errorf("Set with the guard open: %v; Redis has %q", err, e.raw(k))
 	}
-	mu.Lock()
-	out := logs.String()
-	mu.Unlock()
+	out := logged()
 	if n := strings.Count(out, "hit rate collapsed"); n != 1 {
 		t.Errorf("%d warnings, want 1:\n%s", n, out)
 	}

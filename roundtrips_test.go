@@ -2,7 +2,9 @@ package imgcache
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
@@ -138,6 +140,84 @@ func TestGetOrLoadSpeculatesWhileMissesDominate(t *testing.T) {
 	}
 	if s := c.Stats(); s.L2Hits != 8 || s.Misses != 11 {
 		t.Errorf("L2Hits %d, Misses %d; want 8 and 11", s.L2Hits, s.Misses)
+	}
+}
+
+// A speculating flight whose registration Redis refuses (here the pattern epoch cannot be read; in
+// production a script refused at maxmemory) still serves the value Redis holds, as a flight that
+// read first does, and loads nothing; and the reads it falls back on move the average back.
+func TestSpeculatingFlightReadsWhenRegistrationIsRefused(t *testing.T) {
+	for _, speculating := range []bool{false, true} {
+		t.Run(fmt.Sprint("speculating=", speculating), func(t *testing.T) {
+			e := newEnv(t)
+			o := e.opts()
+			o.L1Size = -1 // every call reads Redis
+			c := newCache[ImageMeta](e, o)
+			k := NewKey("artist", "refused")
+			if err := c.Set(ctx, k, metaV("refused", 1)); err != nil {
+				t.Fatal(err)
+			}
+			epoch := c.l2.epochKey() // a hash now: every registration's GET of it fails (WRONGTYPE)
+			if err := e.rdb.Del(ctx, epoch).Err(); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.rdb.HSet(ctx, epoch, "x", "y").Err(); err != nil {
+				t.Fatal(err)
+			}
+			if speculating {
+				c.l2Misses.Store(1 << 16)
+			}
+			loads := 0
+			for range 6 { // six hits take the average from 1 to under one half
+				v, err := c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) {
+					loads++
+					return ImageMeta{}, errors.New("database down")
+				})
+				if err != nil || v.ETag != `"refused-v1"` {
+					t.Fatalf("GetOrLoad = %s, %v; want the value in Redis", v.ETag, err)
+				}
+			}
+			if loads != 0 {
+				t.Errorf("%d loads of a value Redis holds", loads)
+			}
+			if s := c.Stats(); s.L2Hits != 6 {
+				t.Errorf("L2Hits %d, want 6", s.L2Hits)
+			}
+			if speculating && c.speculate() {
+				t.Error("six hits left the flights speculating")
+			}
+			if n := e.rdb.Exists(ctx, c.leaseKey(k)).Val(); n != 0 {
+				t.Error("a lease is still held")
+			}
+		})
+	}
+}
+
+// A speculating flight's read is logged as every read of Redis is.
+func TestSpeculativeReadIsLogged(t *testing.T) {
+	e := newEnv(t)
+	o := e.opts()
+	logged := captureLog(&o, slog.LevelDebug)
+	c := newCache[ImageMeta](e, o)
+	c.l2Misses.Store(1 << 16)
+	hit, miss := NewKey("artist", "logged"), NewKey("artist", "absent")
+	if err := c.Set(ctx, hit, metaV("logged", 1)); err != nil {
+		t.Fatal(err)
+	}
+	c.l1.remove(hit)
+	for _, k := range []Key{hit, miss} {
+		if _, err := c.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("absent", 1), nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := logged()
+	for _, want := range []string{
+		`msg="imgcache L2 GET" key=` + e.redisKey(hit) + " result=HIT",
+		`msg="imgcache L2 GET" key=` + e.redisKey(miss) + " result=MISS",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the log lacks %q:\n%s", want, out)
+		}
 	}
 }
 
