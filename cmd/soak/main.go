@@ -58,6 +58,11 @@ type config struct {
 	l1         int
 	zipfS      float64
 	maxGrowth  float64 // fraction of the warm median heap
+	// serverGoroutines, if set, counts the goroutines of a Redis that runs in this process
+	// (miniredis: two per connection), which the goroutine counts leave out. The client's pool
+	// grows up to its PoolSize with the workload's peak concurrency, and each connection would
+	// count as a goroutine of the process although the cache started none.
+	serverGoroutines func() int
 }
 
 // minGrowth is the heap growth always allowed: forced collections still leave about this much
@@ -262,7 +267,7 @@ func run(ctx context.Context, cfg config, out io.Writer) (*result, error) {
 		runtime.GC()
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
-		s := sample{at: at, heapAlloc: ms.HeapAlloc, heapInuse: ms.HeapInuse, goroutines: runtime.NumGoroutine(),
+		s := sample{at: at, heapAlloc: ms.HeapAlloc, heapInuse: ms.HeapInuse, goroutines: cfg.ownGoroutines(),
 			ops: done.Load(), l1Entries: c.Stats().L1Entries}
 		gate.resume()
 		if !quiet {
@@ -525,6 +530,15 @@ func report(out io.Writer, cfg config, res *result, lastErr any) {
 	for _, f := range res.failures {
 		fmt.Fprintln(out, "FAIL:", f)
 	}
+}
+
+// ownGoroutines counts the process's goroutines, less those of an in-process Redis.
+func (cfg config) ownGoroutines() int {
+	n := runtime.NumGoroutine()
+	if cfg.serverGoroutines != nil {
+		n -= cfg.serverGoroutines()
+	}
+	return n
 }
 
 // settledGoroutines waits up to limit for the goroutine count to come down to want (a closed

@@ -27,6 +27,9 @@ func TestSoakRun(t *testing.T) {
 		duration: 3 * time.Second, interval: 250 * time.Millisecond, window: time.Second,
 		redisAddr: addr, goroutines: 4, keys: 1000, l1: 100, zipfS: 1.1, maxGrowth: 1,
 	}
+	if mr != nil { // miniredis serves each connection with two goroutines: servePeer and its reader
+		cfg.serverGoroutines = func() int { return 2 * mr.CurrentConnectionCount() }
+	}
 	var out bytes.Buffer
 	res, err := run(context.Background(), cfg, &out)
 	t.Logf("output:\n%s", out.String())
