@@ -97,6 +97,14 @@ func transportFailure(err error) bool {
 		errors.Is(err, redis.ErrClosed) || err.Error() == "EOF" || errors.Is(err, errL2Call)
 }
 
+// failedSlowly reports whether err says that Redis did not answer in time, or that the breaker
+// kept it from being asked: unlike a refused connection or a reply, asking again would cost
+// another wait.
+func failedSlowly(err error) bool {
+	var ne net.Error
+	return errors.Is(err, ErrBreakerOpen) || errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
+
 // HitRateGuard configures the hit-rate guard: when the share of L2 reads that hit falls under
 // Threshold over Window (with at least MinReads reads), the cache stops reading Redis for
 // Cooldown, still writes to it, lets one read in ProbeEvery through to measure again, and logs one

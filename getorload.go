@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"math"
 	mrand "math/rand/v2"
-	"net"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -197,7 +196,8 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 				if ls.busy { // Redis is failing: load here rather than wait on it
 					ls = leaseState{}
 				}
-				if ls.token != "" && failedSlowly(err) {
+				slow := failedSlowly(err)
+				if ls.token != "" && slow {
 					// The lease may be held (its SET's reply was lost), and its release would wait
 					// on the slow Redis too: it goes on without the callers.
 					c.releaseLeaseLater(k, ls.token)
@@ -207,7 +207,7 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 				// a read (it refused a script at maxmemory; on a Cluster, only the pattern epoch's
 				// node is down): read as Get does, for a value to serve, or a stale one for the
 				// fail-safe.
-				if get && !read && !failedSlowly(err) {
+				if get && !read && !slow {
 					if hit, _ := plainRead(); hit {
 						if ls.token != "" {
 							c.releaseLease(ctx, k, ls.token)
@@ -302,13 +302,6 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 			c.flights.release(k, f)
 		}(stale, stop, cancel)
 	}
-}
-
-// failedSlowly reports whether err says that Redis did not answer in time, or that the breaker
-// kept it from being asked: asking again would cost another wait.
-func failedSlowly(err error) bool {
-	var ne net.Error
-	return errors.Is(err, ErrBreakerOpen) || errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 // speculate reports whether a GetOrLoad that L1 cannot answer should skip its plain read of Redis
