@@ -14,12 +14,11 @@ import (
 // keeps the caller's values but not its cancellation, and that Close cancels, and it publishes and
 // releases every one of its flights, whatever happens.
 func (c *Cache[V]) loadBatch(callerCtx context.Context, keys []Key, fs []*flight[V], own []int32, stale []*l1entry[V], load batchLoader[V], so setOptions) {
-	ctx, cancel := context.WithCancel(context.WithoutCancel(callerCtx))
-	stop := context.AfterFunc(c.base, cancel)
+	lctx := newLoadCtx(context.WithoutCancel(callerCtx), c.base)
+	var ctx context.Context = lctx
 	var zero V
 	defer func() {
-		stop()
-		cancel()
+		lctx.end()
 		for _, i := range own { // a no-op for the flights settled already
 			c.flights.publish(fs[i], zero, errBatchAbandoned, false)
 			c.flights.release(keys[i], fs[i])

@@ -22,8 +22,9 @@ type flight[V any] struct {
 	done  chan struct{}
 	val   V
 	err   error
-	stale bool   // val is a stale value served by the fail-safe
-	seq   uint64 // the key's invalidation sequence when the flight began
+	stale bool    // val is a stale value served by the fail-safe
+	seq   uint64  // the key's invalidation sequence when the flight began
+	ctx   loadCtx // runFlight's context once it registers or loads: in the flight, not one more allocation
 }
 
 // do returns the flight in progress for k, or starts one that runs start in a new goroutine; joined

@@ -85,20 +85,20 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	if _, ok := ctx.Deadline(); ok || ctx.Done() != nil { // one that can never end needs no detaching
 		ctx = context.WithoutCancel(callerCtx)
 	}
-	cancel, stop := context.CancelFunc(noCancel), noStop // package funcs: a literal here would allocate
-	detached := false
+	var lctx *loadCtx
 	detach := func() {
-		if !detached {
-			detached = true
-			ctx, cancel = context.WithCancel(ctx)
-			stop = context.AfterFunc(c.base, cancel)
+		if lctx == nil {
+			lctx = &f.ctx
+			lctx.init(ctx, c.base)
+			ctx = lctx
 		}
 	}
 	handedOff := false // the flight's end was handed to another goroutine, which does this instead
 	defer func() {
 		if !handedOff {
-			stop()
-			cancel()
+			if lctx != nil {
+				lctx.end()
+			}
 			c.flights.release(k, f)
 		}
 	}()
@@ -293,14 +293,13 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 		// flight), so the waiting moves to another.
 		handedOff = true
 		c.flights.wg.Add(1) // this flight holds the group open: no race with close's Wait
-		go func(stale *l1entry[V], stop func() bool, cancel context.CancelFunc) {
+		go func(stale *l1entry[V], lctx *loadCtx) {
 			defer c.flights.wg.Done()
 			r := <-done
 			c.failSafe(k, stale, r.v, r.err, seq)
-			stop()
-			cancel()
+			lctx.end()
 			c.flights.release(k, f)
-		}(stale, stop, cancel)
+		}(stale, lctx)
 	}
 }
 
@@ -326,9 +325,6 @@ func (c *Cache[V]) noteL2Read(hit bool) {
 		}
 	}
 }
-
-func noCancel()    {}
-func noStop() bool { return false }
 
 // failSafe returns the load's result, or, when the load failed and a stale value is at hand, the
 // stale value (usedStale), which it also puts back in L1 for a growing backoff so that the load is

@@ -105,3 +105,94 @@ func TestLoadContextEndsWithTheLoad(t *testing.T) {
 		t.Fatal("a context derived from the load's outlived the load")
 	}
 }
+
+// A load's context reports its end through Err alike whether or not anything has asked for its Done
+// channel yet (the channel is made on demand), and a channel asked for after the end is closed.
+func TestLoadContextErrWithoutDone(t *testing.T) {
+	type key struct{}
+	caller, leave := context.WithCancelCause(context.WithValue(context.Background(), key{}, "v"))
+	base, closeCache := context.WithCancel(context.Background())
+	defer closeCache()
+
+	ended := newLoadCtx(context.WithoutCancel(caller), base)
+	leave(errors.New("the caller left"))
+	if err := ended.Err(); err != nil {
+		t.Fatalf("Err after the caller left = %v, want nil", err)
+	}
+	if cause := context.Cause(ended); cause != nil {
+		t.Fatalf("Cause after the caller left = %v, want nil", cause)
+	}
+	ended.end()
+	if err := ended.Err(); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Err after the end = %v, want context.Canceled", err)
+	}
+	select {
+	case <-ended.Done():
+	default:
+		t.Fatal("Done asked for after the end is open")
+	}
+	if v := ended.Value(key{}); v != "v" {
+		t.Fatalf("Value = %v, want the caller's", v)
+	}
+
+	closed := newLoadCtx(context.Background(), base)
+	closeCache()
+	if err := closed.Err(); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Err after Close = %v, want context.Canceled", err)
+	}
+	select {
+	case <-closed.Done():
+	default:
+		t.Fatal("Done asked for after Close is open")
+	}
+	closed.end() // ending a closed flight's context is harmless
+}
+
+// A GetOrLoadMany's load has the same context as a GetOrLoad's: it ends with the load, and Close
+// ends it.
+func TestBatchLoadContext(t *testing.T) {
+	c, err := New[ImageMeta](Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var left context.Context
+	var cancel context.CancelFunc
+	_, _, err = c.GetOrLoadMany(ctx, []Key{NewKey("artist", "b1")}, func(lctx context.Context, ks []Key) (map[Key]ImageMeta, error) {
+		if _, has := lctx.Deadline(); has {
+			t.Error("the batch load has a deadline without LoadTimeout")
+		}
+		left, cancel = context.WithCancel(lctx)
+		return map[Key]ImageMeta{ks[0]: sampleMeta("b1")}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cancel()
+	select {
+	case <-left.Done():
+	case <-time.After(time.Second):
+		t.Fatal("a context derived from the batch load's outlived the load")
+	}
+
+	started, release := make(chan context.Context), make(chan struct{})
+	go func() {
+		_, _, _ = c.GetOrLoadMany(context.Background(), []Key{NewKey("artist", "b2")}, func(lctx context.Context, ks []Key) (map[Key]ImageMeta, error) {
+			started <- lctx
+			<-release
+			return nil, nil
+		})
+	}()
+	lctx := <-started
+	done := make(chan error, 1)
+	go func() { done <- c.Close() }()
+	select {
+	case <-lctx.Done():
+	case <-time.After(time.Second):
+		t.Fatal("Close did not end the batch load's context")
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
