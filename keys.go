@@ -184,18 +184,29 @@ func (k Key) parts() (entity, id, params string) {
 
 // appendKeyString appends String's form of the key with these parts to b.
 func appendKeyString(b []byte, e, id, params string) []byte {
+	b = appendEscaped(b, e)
+	b = append(b, ':')
+	b = appendEscaped(b, id)
+	b = append(b, ':')
+	if params == "" { // most keys: the hash of no parameters is a constant
+		return append(b, noParamsSum...)
+	}
+	return appendParamsSum(b, params)
+}
+
+// appendParamsSum appends the hex form of params' xxhash, big-endian.
+func appendParamsSum(b []byte, params string) []byte {
 	var sum [8]byte
 	h := xxhash.Sum64String(params)
 	for i := 7; i >= 0; i-- {
 		sum[i] = byte(h)
 		h >>= 8
 	}
-	b = appendEscaped(b, e)
-	b = append(b, ':')
-	b = appendEscaped(b, id)
-	b = append(b, ':')
 	return hex.AppendEncode(b, sum[:])
 }
+
+// noParamsSum is appendParamsSum's form of no parameters.
+var noParamsSum = string(appendParamsSum(nil, ""))
 
 // GoString makes %#v print the key readably in test failures.
 func (k Key) GoString() string { return "imgcache.Key(" + k.String() + ")" }
