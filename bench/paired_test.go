@@ -74,7 +74,9 @@ func BenchmarkPaired(b *testing.B) {
 	}
 
 	icMany, many := getManyPeers(b, rdb)
-	b.Run("GetMany/g=1/vs-"+many[1].name, func(b *testing.B) { paired(b, many[0].get, many[1].get) })
+	for _, p := range many[1:] {
+		b.Run("GetMany/g=1/vs-"+p.name, func(b *testing.B) { paired(b, many[0].get, p.get) })
+	}
 
 	icMiss := newImgcache(b, rdb, L1Capacity)
 	b.Run("MissLoad/local/g=1/vs-go-redis-cache", pairedMisses(newImgcache(b, nil, L1Capacity), newGoRedisCache(nil, true, false)))
