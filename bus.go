@@ -147,10 +147,12 @@ func (c *Cache[V]) runBus(ps *redis.PubSub) {
 				if m.Kind == "subscribe" {
 					// Messages sent while this instance was not subscribed are lost: drop
 					// everything they might have invalidated.
-					if c.subscribed.Swap(true) {
+					// A resubscription counts once its flush is done.
+					resubscribed := c.subscribed.Swap(true)
+					c.flushL1()
+					if resubscribed {
 						c.stats.busResubscribes.Add(1)
 					}
-					c.flushL1()
 				}
 			case *redis.Message:
 				c.applyBus([]byte(m.Payload))

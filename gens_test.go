@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -279,16 +281,83 @@ func TestTrustedGensPutIfAndBound(t *testing.T) {
 	for i := range 10_000 {
 		g.putIf(fmt.Sprint("tag", i), uint64(i), 1, &inv)
 	}
-	n := 0
-	for i := range g.shards {
-		n += len(g.shards[i].m)
-	}
-	if limit := genShards * g.perShard; n > limit {
+	if n, limit := g.len(), len(g.buckets)*genWays; n > limit {
 		t.Errorf("%d generations held, want at most %d", n, limit)
 	}
 	g.forgetAll()
 	if _, ok := get("tag9999"); ok {
 		t.Error("forgetAll left a generation trusted")
+	}
+	if n := g.len(); n != 0 {
+		t.Errorf("%d generations trusted after forgetAll, want 0", n)
+	}
+	g.putIf("tag9999", 3, 1, &inv)
+	if v, ok := get("tag9999"); !ok || v != 3 {
+		t.Errorf("after forgetAll, a new fill reads %d, %v; want 3, true", v, ok)
+	}
+}
+
+// Lookups take no lock: while writers fill, evict, forget and flush a table much smaller than their
+// names, a lookup finds a name's own generation or nothing, never another name's.
+func TestTrustedGensLookupsDuringWrites(t *testing.T) {
+	acquireClock()
+	defer releaseClock()
+	g := newTrustedGens(16, int64(time.Minute)) // 4 buckets for 200 names: constant eviction
+	var inv invalidations
+	names := make([]string, 200)
+	for i := range names {
+		names[i] = fmt.Sprintf("artist\x00%d", i)
+	}
+	var wg sync.WaitGroup
+	var found atomic.Int64
+	stop := make(chan struct{})
+	for w := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				i := (n*7 + w) % len(names)
+				g.putIf(names[i], uint64(i), 0, &inv)
+				switch n % 50 {
+				case 17:
+					g.forget(names[(i+1)%len(names)])
+				case 49:
+					g.forgetAll()
+				}
+			}
+		}()
+	}
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := range 200_000 {
+				i := n % len(names)
+				if v, ok := g.get(names[i], xxhash.Sum64String(names[i])); ok {
+					found.Add(1)
+					if v != uint64(i) {
+						t.Errorf("%q read generation %d, another name's", names[i], v)
+						return
+					}
+				}
+			}
+		}()
+	}
+	for start := time.Now(); found.Load() == 0 && time.Since(start) < 5*time.Second; {
+		time.Sleep(time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	if found.Load() == 0 {
+		t.Fatal("no lookup found a generation: the test checked nothing")
+	}
+	if n, limit := g.len(), len(g.buckets)*genWays; n > limit {
+		t.Errorf("%d generations held, want at most %d", n, limit)
 	}
 }
 
@@ -346,12 +415,9 @@ func TestTrustedGenMemory(t *testing.T) {
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)
-	n := 0
-	for i := range g.shards {
-		n += len(g.shards[i].m)
-	}
+	n := g.len()
 	per := (int64(after.HeapAlloc) - int64(before.HeapAlloc)) / int64(n)
-	t.Logf("%d generations held (at most %d), %d B each", n, genShards*g.perShard, per)
+	t.Logf("%d generations held (at most %d), %d B each", n, len(g.buckets)*genWays, per)
 	if per > 150 {
 		t.Errorf("%d B per trusted generation, want at most 150", per)
 	}
