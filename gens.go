@@ -68,11 +68,13 @@ type trustedGen struct {
 // live reports whether r is trusted in epoch at now.
 func (r *trustedGen) live(epoch uint64, now int64) bool { return r.epoch == epoch && r.exp >= now }
 
-// newTrustedGens returns a holder of about size generations (its buckets hold size, rounded up to
-// a power of two, in all), each trusted for ttl clock nanoseconds.
+// newTrustedGens returns a holder of about size generations, each trusted for ttl clock
+// nanoseconds. Its buckets hold twice size, rounded up to a power of two, in all: with size names
+// about one in a hundred finds its bucket full, with half as many about one in a thousand, and a
+// name that does is dropped and read again, or drops another, on every read.
 func newTrustedGens(size int, ttl int64) *trustedGens {
 	n := 1
-	for n*genWays < size {
+	for n*genWays < 2*size {
 		n *= 2
 	}
 	return &trustedGens{ttl: ttl, mask: uint64(n - 1), buckets: make([]genBucket, n)}
