@@ -37,16 +37,23 @@ import (
 // ordered as before. A full bucket drops an arbitrary record to make room: a dropped generation
 // costs one MGET, nothing else.
 type trustedGens struct {
+	// Read by every lookup; written by forgetAll alone.
 	ttl     int64 // clock nanoseconds (see coarseNow)
 	mask    uint64
 	buckets []genBucket
-	epoch   atomic.Uint64          // records of an earlier epoch are forgotten (forgetAll)
-	locks   [genStripes]sync.Mutex // writers of bucket b hold locks[b%genStripes]
+	epoch   atomic.Uint64 // records of an earlier epoch are forgotten (forgetAll)
+
+	_     [64]byte               // so that writers' locks do not share the lookups' cache line
+	locks [genStripes]sync.Mutex // writers of bucket b hold locks[b%genStripes]
 }
 
 const (
 	genWays    = 4
 	genStripes = 64
+	// maxTrustedGens bounds the table, which is made whole at New: 2^20 slots (16 MB) for an L1 of
+	// half a million entries or more. Beyond that many entities, more reads carry their
+	// generation key again: a larger MGET, never a wrong answer.
+	maxTrustedGens = 1 << 19
 )
 
 // genBucket is genWays slots: 64 bytes, one cache line.
@@ -68,11 +75,12 @@ type trustedGen struct {
 // live reports whether r is trusted in epoch at now.
 func (r *trustedGen) live(epoch uint64, now int64) bool { return r.epoch == epoch && r.exp >= now }
 
-// newTrustedGens returns a holder of about size generations, each trusted for ttl clock
-// nanoseconds. Its buckets hold twice size, rounded up to a power of two, in all: with size names
-// about one in a hundred finds its bucket full, with half as many about one in a thousand, and a
-// name that does is dropped and read again, or drops another, on every read.
+// newTrustedGens returns a holder of about size generations (at most maxTrustedGens), each trusted
+// for ttl clock nanoseconds. Its buckets hold twice that, rounded up to a power of two, in all:
+// with size names about one in a hundred finds its bucket full, with half as many about one in a
+// thousand, and a name that does is dropped and read again, or drops another, on every read.
 func newTrustedGens(size int, ttl int64) *trustedGens {
+	size = min(size, maxTrustedGens)
 	n := 1
 	for n*genWays < 2*size {
 		n *= 2

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"slices"
 	"sync"
@@ -589,5 +590,22 @@ func TestUntrustingInstanceSeesInvalidationsAtOnce(t *testing.T) {
 	}
 	if err := wantMiss(b, k)(); err != nil {
 		t.Error(err)
+	}
+}
+
+// The table is made whole at New, so its size is bounded, whatever L1Size asks for, and a huge size
+// does not overflow into a tiny table. (Found by review: L1Size 10,000,000 made 512 MiB, and
+// math.MaxInt one bucket.)
+func TestTrustedGensTableSize(t *testing.T) {
+	for _, c := range []struct{ size, slots int }{
+		{1, genWays},
+		{DefaultL1Size, 32768},
+		{maxTrustedGens, 2 * maxTrustedGens},
+		{10_000_000, 2 * maxTrustedGens},
+		{math.MaxInt, 2 * maxTrustedGens},
+	} {
+		if got := len(newTrustedGens(c.size, int64(time.Minute)).buckets) * genWays; got != c.slots {
+			t.Errorf("newTrustedGens(%d): %d slots, want %d", c.size, got, c.slots)
+		}
 	}
 }

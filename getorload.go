@@ -82,14 +82,21 @@ func (c *Cache[V]) runFlight(callerCtx context.Context, k Key, f *flight[V], loa
 	// Close cancels is made (detach) only when the flight goes on to register and load: an L2 hit
 	// spares its allocations.
 	ctx := callerCtx
+	withoutCancel := false
 	if _, ok := ctx.Deadline(); ok || ctx.Done() != nil { // one that can never end needs no detaching
-		ctx = context.WithoutCancel(callerCtx)
+		ctx, withoutCancel = context.WithoutCancel(callerCtx), true
 	}
 	var lctx *loadCtx
 	detach := func() {
 		if lctx == nil {
+			values := ctx
+			if !withoutCancel {
+				// A context that cannot end may still pass Value on to one that has (a
+				// hand-made detached context): context.Cause of the load's would report it.
+				values = context.WithoutCancel(ctx)
+			}
 			lctx = &f.ctx
-			lctx.init(ctx, c.base)
+			lctx.init(values, c.base)
 			ctx = lctx
 		}
 	}

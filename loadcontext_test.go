@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 )
@@ -194,5 +195,103 @@ func TestBatchLoadContext(t *testing.T) {
 	close(release)
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// gatedBase is a base context whose AfterFunc callbacks never run (AfterFunc promises only that
+// they run some time after the cancellation) and whose first Err call waits for the test: it
+// holds open the moment between Close and the inner context's cancellation.
+type gatedBase struct {
+	mu      sync.Mutex
+	done    chan struct{}
+	err     error
+	calls   int
+	inFirst chan struct{} // closed when the first Err call is waiting
+	release chan struct{} // lets the first Err call go on
+}
+
+func (b *gatedBase) Deadline() (time.Time, bool)  { return time.Time{}, false }
+func (b *gatedBase) Done() <-chan struct{}        { return b.done }
+func (b *gatedBase) Value(any) any                { return nil }
+func (b *gatedBase) AfterFunc(func()) func() bool { return func() bool { return false } }
+
+func (b *gatedBase) Err() error {
+	b.mu.Lock()
+	b.calls++
+	first := b.calls == 1
+	b.mu.Unlock()
+	if first {
+		close(b.inFirst)
+		<-b.release
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err
+}
+
+func (b *gatedBase) cancel() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.err = context.Canceled
+	close(b.done)
+}
+
+// Once a load's context has reported its end, it keeps reporting it, and its Done channel is
+// closed, even when Close's cancellation has not reached the inner context yet. (Found by review:
+// Err read base's error, then the inner context's nil.)
+func TestLoadContextErrStaysSet(t *testing.T) {
+	base := &gatedBase{done: make(chan struct{}), inFirst: make(chan struct{}), release: make(chan struct{})}
+	l := newLoadCtx(context.Background(), base)
+	first := make(chan error, 1)
+	go func() { first <- l.Err() }() // no inner context yet: it waits in base.Err
+	<-base.inFirst
+	done := l.Done() // makes the inner context, registered with base
+	base.cancel()    // Close; its AfterFunc does not run
+	close(base.release)
+	if err := <-first; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Err after Close = %v, want context.Canceled", err)
+	}
+	if err := l.Err(); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Err once more = %v: it went back", err)
+	}
+	select {
+	case <-done:
+	default:
+		t.Fatal("Err reported the end, and Done is open")
+	}
+}
+
+// detachedCtx drops its parent's cancellation the way contexts did before context.WithoutCancel
+// (x/tools' xcontext.Detach and the like): Done is nil, and Value still asks the parent.
+type detachedCtx struct{ parent context.Context }
+
+func (d detachedCtx) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (d detachedCtx) Done() <-chan struct{}       { return nil }
+func (d detachedCtx) Err() error                  { return nil }
+func (d detachedCtx) Value(k any) any             { return d.parent.Value(k) }
+
+// context.Cause of a load's context reports its own end, never its caller's cancellation, even
+// through a caller's context that passes Value on to a cancelled one. (Found by review.)
+func TestLoadContextCauseIsItsOwn(t *testing.T) {
+	c, err := New[ImageMeta](Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	parent, cancel := context.WithCancelCause(context.Background())
+	cancel(errors.New("the caller's request timed out"))
+	var lctx context.Context
+	_, err = c.GetOrLoad(detachedCtx{parent}, NewKey("artist", "cause"), func(ctx context.Context) (ImageMeta, error) {
+		lctx = ctx
+		if cause := context.Cause(ctx); cause != nil {
+			t.Errorf("Cause during the load = %v, want nil", cause)
+		}
+		return sampleMeta("cause"), nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cause := context.Cause(lctx); cause != context.Canceled {
+		t.Errorf("Cause after the load = %v, want context.Canceled", cause)
 	}
 }

@@ -65,13 +65,20 @@ func (c *loadCtx) Err() error {
 	c.mu.Lock()
 	inner, ended := c.inner, c.ended
 	c.mu.Unlock()
-	switch {
-	case inner != nil:
-		return inner.Err()
-	case ended:
+	if inner != nil {
+		if err := inner.Err(); err != nil {
+			return err
+		}
+	} else if ended {
 		return context.Canceled
 	}
-	return c.base.Err()
+	if c.base.Err() == nil {
+		return nil
+	}
+	// Closed. The inner context's AfterFunc may not have run yet: end it now, so that Err never
+	// goes back to nil and Done agrees with it.
+	c.end()
+	return context.Canceled
 }
 
 // Value returns the caller's values. Once Done has been asked for, it asks the inner context,
