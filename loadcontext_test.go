@@ -83,27 +83,45 @@ func TestLoadContext(t *testing.T) {
 }
 
 // The load's context ends when the load does, and so do contexts the loader derived from it and
-// left running.
+// left running: GetOrLoad's and GetOrLoadMany's alike. Neither has a deadline without LoadTimeout.
 func TestLoadContextEndsWithTheLoad(t *testing.T) {
 	c, err := New[ImageMeta](Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	var left context.Context
-	var cancel context.CancelFunc
+	left := map[string]context.Context{} // by the call whose load derived it
+	derive := func(call string, lctx context.Context) {
+		if _, has := lctx.Deadline(); has {
+			t.Errorf("%s's load has a deadline without LoadTimeout", call)
+		}
+		l, cancel := context.WithCancel(lctx) // left running: cancelled only after the check
+		t.Cleanup(cancel)
+		left[call] = l
+	}
 	_, err = c.GetOrLoad(ctx, NewKey("artist", "end"), func(lctx context.Context) (ImageMeta, error) {
-		left, cancel = context.WithCancel(lctx) // left running: cancelled only after the check
+		derive("GetOrLoad", lctx)
 		return sampleMeta("end"), nil
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cancel()
-	select {
-	case <-left.Done():
-	case <-time.After(time.Second):
-		t.Fatal("a context derived from the load's outlived the load")
+	_, _, err = c.GetOrLoadMany(ctx, []Key{NewKey("artist", "b1")}, func(lctx context.Context, ks []Key) (map[Key]ImageMeta, error) {
+		derive("GetOrLoadMany", lctx)
+		return map[Key]ImageMeta{ks[0]: sampleMeta("b1")}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for call, l := range left {
+		select {
+		case <-l.Done():
+		case <-time.After(time.Second):
+			t.Errorf("a context derived from %s's load outlived the load", call)
+		}
+	}
+	if len(left) != 2 {
+		t.Errorf("%d loads ran, want 2", len(left))
 	}
 }
 
@@ -149,33 +167,13 @@ func TestLoadContextErrWithoutDone(t *testing.T) {
 	closed.end() // ending a closed flight's context is harmless
 }
 
-// A GetOrLoadMany's load has the same context as a GetOrLoad's: it ends with the load, and Close
-// ends it.
-func TestBatchLoadContext(t *testing.T) {
+// Close ends a GetOrLoadMany's load context, as it ends a GetOrLoad's (TestLoadContext).
+func TestBatchLoadContextEndsWithClose(t *testing.T) {
 	c, err := New[ImageMeta](Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	var left context.Context
-	var cancel context.CancelFunc
-	_, _, err = c.GetOrLoadMany(ctx, []Key{NewKey("artist", "b1")}, func(lctx context.Context, ks []Key) (map[Key]ImageMeta, error) {
-		if _, has := lctx.Deadline(); has {
-			t.Error("the batch load has a deadline without LoadTimeout")
-		}
-		left, cancel = context.WithCancel(lctx)
-		return map[Key]ImageMeta{ks[0]: sampleMeta("b1")}, nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cancel()
-	select {
-	case <-left.Done():
-	case <-time.After(time.Second):
-		t.Fatal("a context derived from the batch load's outlived the load")
-	}
-
 	started, release := make(chan context.Context), make(chan struct{})
 	go func() {
 		_, _, _ = c.GetOrLoadMany(context.Background(), []Key{NewKey("artist", "b2")}, func(lctx context.Context, ks []Key) (map[Key]ImageMeta, error) {
