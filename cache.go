@@ -284,7 +284,7 @@ func New[V any](opts Options) (*Cache[V], error) {
 		if err := checkClient(opts.Redis); err != nil {
 			return nil, err
 		}
-		c.l2 = &l2{rdb: opts.Redis, prefix: ns + ":", timeout: orDefault(opts.L2Timeout, DefaultL2Timeout), log: opts.Logger}
+		c.l2 = &l2{rdb: opts.Redis, prefix: ns + ":", epoch: ns + ":%p", timeout: orDefault(opts.L2Timeout, DefaultL2Timeout), log: opts.Logger}
 		if opts.BreakerThreshold >= 0 {
 			c.l2.brk = &breaker{
 				threshold: int64(orDefault(opts.BreakerThreshold, DefaultBreakerThreshold)),

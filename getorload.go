@@ -567,7 +567,11 @@ func (c *Cache[V]) pxTTL(ttl time.Duration, negative bool) time.Duration {
 
 // The distributed lease: <ns>:%l:<key>, SET NX PX with a random token, released only by its holder.
 
-func (c *Cache[V]) leaseKey(k Key) string { return c.l2.prefix + "%l:" + k.String() }
+func (c *Cache[V]) leaseKey(k Key) string {
+	var buf [256]byte
+	e, id, params := k.parts()
+	return string(appendKeyString(append(append(buf[:0], c.l2.prefix...), "%l:"...), e, id, params))
+}
 
 // newLeaseToken is a lease's holder token: random, so that only its holder releases it.
 func newLeaseToken() string {

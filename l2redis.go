@@ -18,6 +18,7 @@ import (
 type l2 struct {
 	rdb     redis.UniversalClient
 	prefix  string // "<Namespace>:"
+	epoch   string // the pattern epoch's key, "<Namespace>:%p"
 	timeout time.Duration
 	log     *slog.Logger // nil when debug logging is off
 	brk     *breaker     // nil when disabled
@@ -198,24 +199,36 @@ func (l *l2) debug(ctx context.Context, op, rkey, result string) {
 // A script touches one meta hash, and for an entity its generation key, which shares the hash's
 // slot; so every script works on a Redis Cluster. Each key carries a TTL: a meta hash outlives the
 // longest-lived value registered in it by metaTTL's margin.
-func (l *l2) entityMeta(entity, id string) string { return l.prefix + "%e:" + entityTag(entity, id) }
-func (l *l2) entityGen(entity, id string) string  { return l.prefix + "%g:" + entityTag(entity, id) }
+func (l *l2) entityMeta(entity, id string) string { return l.entityKey("%e:", entity, id) }
+func (l *l2) entityGen(entity, id string) string  { return l.entityKey("%g:", entity, id) }
+
+// entityKey returns an entity's bookkeeping key of this kind ("%e:", "%g:"), in one allocation.
+func (l *l2) entityKey(kind, entity, id string) string {
+	var buf [256]byte
+	return string(l.appendEntityKey(buf[:0], kind, entity, id))
+}
 
 // appendEntityGen appends entityGen(entity, id) to b.
 func (l *l2) appendEntityGen(b []byte, entity, id string) []byte {
-	b = append(append(b, l.prefix...), "%g:{"...)
+	return l.appendEntityKey(b, "%g:", entity, id)
+}
+
+// appendEntityKey appends "<ns>:<kind>{<entity>:<id>}", escaped, to b. The braces make a Redis
+// Cluster hash tag (escaping leaves none in entity or id): an entity's keys share one slot.
+func (l *l2) appendEntityKey(b []byte, kind, entity, id string) []byte {
+	b = append(append(append(b, l.prefix...), kind...), '{')
 	b = append(appendEscaped(b, entity), ':')
 	return append(appendEscaped(b, id), '}')
 }
 
-// entityTag is "{<entity>:<id>}", escaped: a Redis Cluster hash tag (escaping leaves no braces in it).
-func entityTag(entity, id string) string {
-	p := entityPrefix(entity, id)
-	return "{" + p[:len(p)-1] + "}"
+// tagMeta returns a tag's meta hash key, in one allocation.
+func (l *l2) tagMeta(tag string) string {
+	var buf [256]byte
+	return string(appendEscaped(append(append(buf[:0], l.prefix...), "%t:"...), tag))
 }
-func (l *l2) tagMeta(tag string) string { return l.prefix + "%t:" + string(appendEscaped(nil, tag)) }
-func (l *l2) epochKey() string          { return l.prefix + "%p" }
-func (l *l2) channel() string           { return l.prefix + "%bus" }
+
+func (l *l2) epochKey() string { return l.epoch }
+func (l *l2) channel() string  { return l.prefix + "%bus" }
 
 // metaTTL is how long a meta hash lives past the values registered in it: long enough that a value
 // never outlives the generation it is checked against (it would read as invalid, which is safe,
