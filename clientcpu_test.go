@@ -69,6 +69,23 @@ func BenchmarkClientCPU(b *testing.B) {
 			i++
 		})
 	})
+	b.Run("GetOrLoad", func(b *testing.B) {
+		var i int
+		load := func(context.Context) (ImageMeta, error) { b.Fatal("load called on a hit"); return ImageMeta{}, nil }
+		pairedCPU(b, func() {
+			if v, err := c.GetOrLoad(ctx, keys[i%n], load); err != nil || v.Size == 0 {
+				b.Fatal("miss", err)
+			}
+		}, func() {
+			data, err := e.rdb.Get(ctx, rkeys[i%n]).Bytes()
+			if err != nil {
+				b.Fatal(err)
+			}
+			var v ImageMeta
+			decode(data, &v)
+			i++
+		})
+	})
 	b.Run("GetMany", func(b *testing.B) {
 		pairedCPU(b, func() {
 			if vals, found, err := c.GetMany(ctx, keys); err != nil || !found[n-1] || vals[n-1].Size == 0 {
