@@ -107,9 +107,18 @@ func maybeRedis(b *testing.B) *redis.Client {
 // newImgcache makes an imgcache under this process's namespace.
 func newImgcache(b *testing.B, rdb *redis.Client, l1Size int) *imgcache.Cache[meta] {
 	b.Helper()
+	return newImgcacheWith(b, rdb, l1Size, nil)
+}
+
+// newImgcacheWith is newImgcache with its Options changed by set, if set is not nil.
+func newImgcacheWith(b *testing.B, rdb *redis.Client, l1Size int, set func(*imgcache.Options)) *imgcache.Cache[meta] {
+	b.Helper()
 	opts := imgcache.Options{L1Size: l1Size, Namespace: "bench" + run}
 	if rdb != nil {
 		opts.Redis = rdb
+	}
+	if set != nil {
+		set(&opts)
 	}
 	c, err := imgcache.New[meta](opts)
 	if err != nil {

@@ -81,8 +81,12 @@ func BenchmarkPaired(b *testing.B) {
 	icMiss := newImgcache(b, rdb, L1Capacity)
 	b.Run("MissLoad/local/g=1/vs-go-redis-cache", pairedMisses(newImgcache(b, nil, L1Capacity), newGoRedisCache(nil, true, false)))
 	b.Run("MissLoad/g=1/vs-go-redis-cache", pairedMisses(icMiss, newGoRedisCache(rdb, true, false)))
+	// Without the lease (LocalLoadsOnly), as go-redis/cache has none: the row shows the lease's
+	// share of the miss's cost.
+	icNoLease := newImgcacheWith(b, rdb, L1Capacity, func(o *imgcache.Options) { o.LocalLoadsOnly = true })
+	b.Run("MissLoad/LocalLoadsOnly/g=1/vs-go-redis-cache", pairedMisses(icNoLease, newGoRedisCache(rdb, true, false)))
 
-	for _, c := range []*imgcache.Cache[meta]{ic, icMany, icMiss} {
+	for _, c := range []*imgcache.Cache[meta]{ic, icMany, icMiss, icNoLease} {
 		if n := c.Stats().L2Errors; n > 0 {
 			b.Errorf("imgcache counted %d Redis errors", n)
 		}
