@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -527,6 +528,85 @@ func TestGetOrLoadCallerLeavesLoadGoesOn(t *testing.T) {
 	if v, err := c.Get(ctx, k); err != nil || !sameImageMeta(v, sampleMeta("77")) {
 		t.Errorf("the load's value was not cached: %+v, %v", v, err)
 	}
+}
+
+// A GetOrLoad whose context can be cancelled, as a request's can, reads Redis in the caller's own
+// goroutine: an L2 hit costs no goroutine, and no handoff to one and back. (Its load still runs
+// detached: TestGetOrLoadCallerLeavesLoadGoesOn.)
+func TestGetOrLoadReadsRedisInTheCallersGoroutine(t *testing.T) {
+	e := newNodeEnv(t)
+	o := e.opts()
+	o.L1Size = -1 // every call reads Redis
+	c := newCache[ImageMeta](e, o)
+	k := NewKey("artist", "inline")
+	if err := c.Set(ctx, k, metaV("inline", 1)); err != nil {
+		t.Fatal(err)
+	}
+	var reads, inCaller atomic.Int32
+	e.node().AddHook(onProcess(func(cmd redis.Cmder) {
+		if name := cmd.Name(); name == "get" || name == "mget" {
+			reads.Add(1)
+			buf := make([]byte, 64<<10)
+			// The test's own frame, "(" after its name (this hook is its func1).
+			if bytes.Contains(buf[:runtime.Stack(buf, false)], []byte(".TestGetOrLoadReadsRedisInTheCallersGoroutine(")) {
+				inCaller.Add(1)
+			}
+		}
+	}))
+	reqCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for range 3 {
+		v, err := c.GetOrLoad(reqCtx, k, func(context.Context) (ImageMeta, error) {
+			t.Error("load called on a hit")
+			return ImageMeta{}, nil
+		})
+		if err != nil || !sameImageMeta(v, metaV("inline", 1)) {
+			t.Fatalf("GetOrLoad = %+v, %v; want the stored value", v, err)
+		}
+	}
+	if r, in := reads.Load(), inCaller.Load(); r != 3 || in != 3 {
+		t.Errorf("%d reads of Redis, %d of them in the caller's goroutine; want 3 and 3", r, in)
+	}
+}
+
+// A caller whose context has already ended gets its error at once, and the flight it started still
+// loads and caches the value for everyone else.
+func TestGetOrLoadWithAnEndedContext(t *testing.T) {
+	e := newEnv(t)
+	c := newCache[ImageMeta](e, e.opts())
+	k := NewKey("artist", "ended")
+	var loads atomic.Int32
+	load := func(context.Context) (ImageMeta, error) {
+		loads.Add(1)
+		return metaV("ended", 1), nil
+	}
+	ended, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := c.GetOrLoad(ended, k, load); !errors.Is(err, context.Canceled) {
+		t.Errorf("GetOrLoad with an ended context: %v, want context.Canceled", err)
+	}
+	waitFor(t, func() bool { return loads.Load() == 1 })
+	v, err := c.GetOrLoad(ctx, k, load)
+	if err != nil || !sameImageMeta(v, metaV("ended", 1)) {
+		t.Errorf("next GetOrLoad = %+v, %v; want the value the flight loaded", v, err)
+	}
+	if n := loads.Load(); n != 1 {
+		t.Errorf("%d loads, want 1", n)
+	}
+}
+
+// onProcess is a go-redis hook that calls fn with every command sent on its own (not pipelined).
+type onProcess func(cmd redis.Cmder)
+
+func (onProcess) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h onProcess) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h(cmd)
+		return next(ctx, cmd)
+	}
+}
+func (onProcess) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
 }
 
 func TestNotFoundIsRememberedAcrossInstances(t *testing.T) {

@@ -522,7 +522,7 @@ func BenchmarkGetOrLoadHit(b *testing.B) {
 	rdb := maybeRedis(b)
 	var loads atomic.Int64
 	level := func(name string, ic *imgcache.Cache[meta], grc *rediscache.Cache) {
-		peers := getOrLoadPeers(b, ic, grc, &loads)
+		peers := getOrLoadPeers(b, context.Background(), ic, grc, &loads)
 		for _, p := range peers {
 			b.Run(name+"/g=1/"+p.name, func(b *testing.B) {
 				if rdb != nil {
@@ -544,9 +544,8 @@ func BenchmarkGetOrLoadHit(b *testing.B) {
 
 // getOrLoadPeers fills imgcache and go-redis/cache with the hit keys through their GetOrLoad (Once)
 // and returns those calls, imgcache's first; a load after the fill adds to loads.
-func getOrLoadPeers(b *testing.B, ic *imgcache.Cache[meta], grc *rediscache.Cache, loads *atomic.Int64) []peer {
+func getOrLoadPeers(b *testing.B, ctx context.Context, ic *imgcache.Cache[meta], grc *rediscache.Cache, loads *atomic.Int64) []peer {
 	ks := hitSet()
-	ctx := context.Background()
 	icGet := func(i int) bool {
 		_, err := ic.GetOrLoad(ctx, ks.Keys[i], func(context.Context) (meta, error) {
 			loads.Add(1)

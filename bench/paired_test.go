@@ -67,8 +67,14 @@ func BenchmarkPaired(b *testing.B) {
 	}
 
 	var loads atomic.Int64
-	gl := getOrLoadPeers(b, newImgcache(b, rdb, -1), newGoRedisCache(rdb, false, false), &loads)
+	icGL, grcGL := newImgcache(b, rdb, -1), newGoRedisCache(rdb, false, false)
+	gl := getOrLoadPeers(b, context.Background(), icGL, grcGL, &loads)
 	b.Run("GetOrLoadL2Hit/g=1/vs-"+gl[1].name, func(b *testing.B) { paired(b, gl[0].get, gl[1].get) })
+	// A service passes a request's context, which can be cancelled: the same hits under one.
+	reqCtx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	gl = getOrLoadPeers(b, reqCtx, icGL, grcGL, &loads)
+	b.Run("GetOrLoadL2Hit/cancellable-ctx/g=1/vs-"+gl[1].name, func(b *testing.B) { paired(b, gl[0].get, gl[1].get) })
 	if n := loads.Load(); n > 0 {
 		b.Errorf("%d loads during the GetOrLoad hits", n)
 	}
