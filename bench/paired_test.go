@@ -91,6 +91,7 @@ func BenchmarkPaired(b *testing.B) {
 	// share of the miss's cost.
 	icNoLease := newImgcacheWith(b, rdb, L1Capacity, func(o *imgcache.Options) { o.LocalLoadsOnly = true })
 	b.Run("MissLoad/LocalLoadsOnly/g=1/vs-go-redis-cache", pairedMisses(icNoLease, newGoRedisCache(rdb, true, false)))
+	b.Run("MissLoad/cancellable-ctx/g=1/vs-go-redis-cache", pairedMissesCtx(reqCtx, icMiss, newGoRedisCache(rdb, true, false)))
 
 	for _, c := range []*imgcache.Cache[meta]{ic, icMany, icMiss, icNoLease} {
 		if n := c.Stats().L2Errors; n > 0 {
@@ -102,7 +103,11 @@ func BenchmarkPaired(b *testing.B) {
 // pairedMisses pairs imgcache's GetOrLoad with go-redis/cache's Once, each call on a key never
 // asked for before.
 func pairedMisses(ic *imgcache.Cache[meta], grc *rediscache.Cache) func(b *testing.B) {
-	ctx := context.Background()
+	return pairedMissesCtx(context.Background(), ic, grc)
+}
+
+// pairedMissesCtx is pairedMisses with the callers' context.
+func pairedMissesCtx(ctx context.Context, ic *imgcache.Cache[meta], grc *rediscache.Cache) func(b *testing.B) {
 	value := Meta(1)
 	load := func(context.Context) (meta, error) { return value, nil }
 	return func(b *testing.B) {
