@@ -546,9 +546,7 @@ func TestGetOrLoadReadsRedisInTheCallersGoroutine(t *testing.T) {
 	e.node().AddHook(onProcess(func(cmd redis.Cmder) {
 		if name := cmd.Name(); name == "get" || name == "mget" {
 			reads.Add(1)
-			buf := make([]byte, 64<<10)
-			// The test's own frame, "(" after its name (this hook is its func1).
-			if bytes.Contains(buf[:runtime.Stack(buf, false)], []byte(".TestGetOrLoadReadsRedisInTheCallersGoroutine(")) {
+			if onStackOf("TestGetOrLoadReadsRedisInTheCallersGoroutine") {
 				inCaller.Add(1)
 			}
 		}
@@ -564,16 +562,22 @@ func TestGetOrLoadReadsRedisInTheCallersGoroutine(t *testing.T) {
 			t.Fatalf("GetOrLoad = %+v, %v; want the stored value", v, err)
 		}
 	}
-	if r, in := reads.Load(), inCaller.Load(); r != 3 || in != 3 {
-		t.Errorf("%d reads of Redis, %d of them in the caller's goroutine; want 3 and 3", r, in)
+	if r, in := reads.Load(), inCaller.Load(); r < 3 || in != r {
+		t.Errorf("%d reads of Redis, %d of them in the caller's goroutine; want 3 or more, all there", r, in)
 	}
 }
 
-// A caller whose context has already ended gets its error at once, and the flight it started still
-// loads and caches the value for everyone else.
+// A caller whose context has already ended gets its error at once, without a command to Redis of
+// its own, and the flight it started still loads and caches the value for everyone else.
 func TestGetOrLoadWithAnEndedContext(t *testing.T) {
-	e := newEnv(t)
+	e := newNodeEnv(t)
 	c := newCache[ImageMeta](e, e.opts())
+	var inCaller atomic.Int32
+	e.node().AddHook(onProcess(func(redis.Cmder) {
+		if onStackOf("TestGetOrLoadWithAnEndedContext") {
+			inCaller.Add(1)
+		}
+	}))
 	k := NewKey("artist", "ended")
 	var loads atomic.Int32
 	load := func(context.Context) (ImageMeta, error) {
@@ -585,6 +589,9 @@ func TestGetOrLoadWithAnEndedContext(t *testing.T) {
 	if _, err := c.GetOrLoad(ended, k, load); !errors.Is(err, context.Canceled) {
 		t.Errorf("GetOrLoad with an ended context: %v, want context.Canceled", err)
 	}
+	if n := inCaller.Load(); n != 0 {
+		t.Errorf("the caller whose context had ended sent %d Redis commands itself, want 0", n)
+	}
 	waitFor(t, func() bool { return loads.Load() == 1 })
 	v, err := c.GetOrLoad(ctx, k, load)
 	if err != nil || !sameImageMeta(v, metaV("ended", 1)) {
@@ -593,6 +600,97 @@ func TestGetOrLoadWithAnEndedContext(t *testing.T) {
 	if n := loads.Load(); n != 1 {
 		t.Errorf("%d loads, want 1", n)
 	}
+}
+
+// A caller whose deadline is nearer than the flight's read of Redis could take does not wait for
+// that read: the flight runs detached, as a load does, and the caller returns at its deadline.
+func TestGetOrLoadNearDeadlineDoesNotWaitForRedis(t *testing.T) {
+	e := newNodeEnv(t)
+	o := e.opts()
+	o.L1Size = -1
+	o.L2Timeout = 500 * time.Millisecond
+	c := newCache[ImageMeta](e, o)
+	k := NewKey("artist", "slow")
+	if err := c.Set(ctx, k, metaV("slow", 1)); err != nil {
+		t.Fatal(err)
+	}
+	e.node().AddHook(onProcess(func(cmd redis.Cmder) {
+		if name := cmd.Name(); name == "get" || name == "mget" {
+			time.Sleep(300 * time.Millisecond) // a slow Redis, still within L2Timeout
+		}
+	}))
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := c.GetOrLoad(dctx, k, func(context.Context) (ImageMeta, error) { return metaV("slow", 2), nil })
+	if took := time.Since(start); !errors.Is(err, context.DeadlineExceeded) || took > 250*time.Millisecond {
+		t.Errorf("GetOrLoad with a 30ms deadline over a 300ms read: %v after %v; want DeadlineExceeded at about 30ms", err, took)
+	}
+}
+
+// A flight that panics before it publishes (in a go-redis hook here) ends the wait of the callers
+// that joined it with an error, and leaves no flight behind: the next call starts afresh, and Close
+// returns. Both ways a flight runs: in the caller's goroutine (a context that cannot end), and
+// started there by readFirst (one that can).
+func TestFlightPanicEndsItsCallersWait(t *testing.T) {
+	for _, cancellable := range []bool{false, true} {
+		t.Run(fmt.Sprint("cancellable=", cancellable), func(t *testing.T) {
+			e := newNodeEnv(t)
+			o := e.opts()
+			o.L1Size = -1
+			c := newCache[ImageMeta](e, o)
+			k := NewKey("artist", "panics")
+			if err := c.Set(ctx, k, metaV("panics", 1)); err != nil {
+				t.Fatal(err)
+			}
+			var armed atomic.Bool
+			armed.Store(true)
+			entered := make(chan struct{})
+			e.node().AddHook(onProcess(func(cmd redis.Cmder) {
+				if name := cmd.Name(); (name == "get" || name == "mget") && armed.CompareAndSwap(true, false) {
+					close(entered)
+					waitFor(t, func() bool { return c.Stats().Coalesced == 1 }) // a second caller has joined
+					panic("hook panicked")
+				}
+			}))
+			load := func(context.Context) (ImageMeta, error) { return metaV("panics", 2), nil }
+			joinerErr := make(chan error, 1)
+			first := ctx
+			if cancellable {
+				var cancel context.CancelFunc
+				first, cancel = context.WithCancel(ctx)
+				defer cancel()
+			}
+			func() {
+				defer func() {
+					if r := recover(); r != "hook panicked" {
+						t.Errorf("the first caller recovered %v, want the hook's panic", r)
+					}
+				}()
+				go func() {
+					<-entered // the first caller's flight is reading Redis
+					waitCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+					defer cancel()
+					_, err := c.GetOrLoad(waitCtx, k, load)
+					joinerErr <- err
+				}()
+				_, _ = c.GetOrLoad(first, k, load)
+			}()
+			if err := <-joinerErr; !errors.Is(err, errFlightPanicked) {
+				t.Errorf("the caller who joined the flight got %v, want errFlightPanicked", err)
+			}
+			if v, err := c.GetOrLoad(ctx, k, load); err != nil || !sameImageMeta(v, metaV("panics", 1)) {
+				t.Errorf("the next GetOrLoad = %+v, %v; want the stored value", v, err)
+			}
+		})
+	}
+}
+
+// onStackOf reports whether the calling goroutine is running test (a test function's own frame,
+// not a closure of it).
+func onStackOf(test string) bool {
+	buf := make([]byte, 64<<10)
+	return bytes.Contains(buf[:runtime.Stack(buf, false)], []byte("."+test+"("))
 }
 
 // onProcess is a go-redis hook that calls fn with every command sent on its own (not pipelined).

@@ -84,8 +84,10 @@
 // A Cache is safe for concurrent use. Concurrent GetOrLoad calls for one key share one load, which
 // runs detached from any single caller's cancellation (in a goroutine of its own when the first
 // caller's context can end): a caller whose context ends while it waits for the load returns at
-// once with the context's error, and the load goes on for the others. Reads of Redis run in the
-// caller's goroutine, bounded by Options.L2Timeout whatever the context allows.
+// once with the context's error, and the load goes on for the others. The read of Redis before a
+// load runs in the first caller's goroutine unless its context's deadline is near, and serves every
+// caller: a caller cancelled during it returns when it ends (each Redis call is bounded by
+// Options.L2Timeout).
 // [Cache.Close] cancels running loads' contexts, waits for them, stops the bus goroutine and its
 // subscription, and stops the clock goroutine when the last Cache of the process closes; it is
 // idempotent, and it does not close the Redis client. Nothing else runs in the background.

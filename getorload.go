@@ -16,8 +16,9 @@ import (
 // GetOrLoad returns the value for k, calling load to produce it when neither level has it, and then
 // stores it in both. Concurrent calls for one key on this Cache share one load, which runs detached
 // from any one caller: a caller whose ctx ends gets ctx's error while the load goes on for the others.
-// Reads of Redis run in the caller's goroutine, bounded by Options.L2Timeout as a Get's are, so a
-// caller whose ctx ends during one returns when it does.
+// Unless ctx's deadline is near, the read of Redis that may answer the call runs in the caller's
+// goroutine, without ctx's cancellation, since it serves every caller of k: a caller whose ctx is
+// cancelled during it returns when it ends (each Redis call is bounded by Options.L2Timeout).
 // Across instances, a lease in Redis lets one instance load while the others wait for its value
 // (unless Options.LocalLoadsOnly).
 //
@@ -61,29 +62,46 @@ func (c *Cache[V]) GetOrLoad(ctx context.Context, k Key, load func(context.Conte
 		}()
 	default:
 		// Any other caller's flight runs detached, so that the caller can leave while the load goes
-		// on; but its start (L1's re-check and, unless it goes straight to its registration, a read
-		// of Redis) runs here, bounded as a Get is: an L2 hit costs no goroutine, and no handoff to
-		// one and back (about 20 us on the reference machine: BenchmarkPaired, cancellable-ctx).
+		// on. But unless the caller's deadline is near, its start (L1's re-check and, unless it goes
+		// straight to its registration, a read of Redis) runs here: an L2 hit then costs no
+		// goroutine, and no handoff to one and back (about 20 us on the reference machine:
+		// BenchmarkPaired, cancellable-ctx).
 		start, done := c.readFirst(ctx, k, f)
 		if done {
 			c.flights.wg.Done()
-			break
+			return c.flightResult(f)
 		}
+		st := start // only a handoff moves it to the heap
 		go func() {
 			defer c.flights.wg.Done()
-			c.runFlightFrom(ctx, k, f, load, so, nil, start)
+			c.runFlightFrom(ctx, k, f, load, so, nil, &st)
 		}()
 	}
 	select {
 	case <-f.done:
-		if f.stale {
-			c.stats.staleServed.Add(1)
-		}
-		return f.val, f.err
+		return c.flightResult(f)
 	case <-ctx.Done():
 		return zero, ctx.Err()
 	}
 }
+
+// flightResult is what the published flight f answers.
+func (c *Cache[V]) flightResult(f *flight[V]) (V, error) {
+	if f.stale {
+		c.stats.staleServed.Add(1)
+	}
+	return f.val, f.err
+}
+
+// errFlightPanicked is what the callers waiting on a flight get when the flight panicked (in a
+// go-redis hook or a log handler: loaders' and codecs' panics are errors already) before it
+// published anything. The panic goes on up the goroutine that ran the flight.
+var errFlightPanicked = errors.New("imgcache: get or load: the flight for this key panicked")
+
+// maxPlainReadCalls bounds the Redis calls of a flight's plain read, each under L2Timeout: the
+// value, its tags' generations or the removal of an unreadable value, and once more of each when
+// a trusted generation turns out to have moved.
+const maxPlainReadCalls = 4
 
 // runFlight is the shared body of GetOrLoad for one key. It runs in its own goroutine, under a context
 // that keeps the first caller's values but not its cancellation, and that Close cancels. current is
@@ -103,35 +121,44 @@ type flightStart[V any] struct {
 
 // readFirst runs the start of GetOrLoad's flight f for k in the caller's goroutine: L1's re-check,
 // and the plain read of Redis unless the flight goes straight to its registration. The read runs
-// under a context without the caller's cancellation, bounded by L2Timeout, as runFlight's does
-// and as a Get's is. done reports that f has published its value and been released; otherwise
-// runFlightFrom goes on from start (from the beginning if start is nil: a caller whose context has
-// ended does not wait for a read).
-func (c *Cache[V]) readFirst(callerCtx context.Context, k Key, f *flight[V]) (start *flightStart[V], done bool) {
+// under a context without the caller's cancellation or deadline, as runFlight's does: the flight
+// serves every caller of k. So the caller cannot leave during it, and it runs here only when the
+// caller's context has no deadline, or one more than the read's longest time away
+// (maxPlainReadCalls times L2Timeout); a caller whose context is cancelled during it returns when
+// it ends, within a millisecond while Redis is healthy. done reports that f has published its
+// value and been released; otherwise runFlightFrom goes on from start. A start whose read is unset
+// and whose withValues is nil is the flight's beginning: nothing was done here.
+func (c *Cache[V]) readFirst(callerCtx context.Context, k Key, f *flight[V]) (start flightStart[V], done bool) {
 	if callerCtx.Err() != nil {
-		return nil, false
+		return start, false // the caller is leaving: it waits for nothing
 	}
+	if dl, ok := callerCtx.Deadline(); ok && c.l2 != nil && time.Until(dl) <= maxPlainReadCalls*c.l2.timeout {
+		return start, false
+	}
+	finished := false
+	defer func() {
+		if !finished { // a panic: end the wait of the flight's callers, and let it go on up
+			var zero V
+			c.flights.publish(f, zero, errFlightPanicked, false)
+			c.flights.release(k, f)
+			c.flights.wg.Done()
+		}
+	}()
 	ctx := context.WithoutCancel(callerCtx)
-	start = &flightStart[V]{withValues: ctx}
-	if c.recheckL1(k, f, start) {
+	start.withValues = ctx
+	if done = c.recheckL1(k, f, &start); !done && c.l2 != nil {
+		if start.read, start.get = c.chooseReads(nil); start.read {
+			r := flightRead[V]{c: c, k: k, f: f, seq: f.seq, rkey: c.l2.key(k), stale: start.stale}
+			var usable bool
+			done, usable = r.plainRead(ctx)
+			start.stale, start.failed = r.stale, !usable
+		}
+	}
+	if done {
 		c.flights.release(k, f)
-		return nil, true
 	}
-	if c.l2 == nil {
-		return start, false
-	}
-	start.read, start.get = c.chooseReads(nil)
-	if !start.read {
-		return start, false
-	}
-	r := flightRead[V]{c: c, k: k, f: f, seq: f.seq, rkey: c.l2.key(k), stale: start.stale}
-	hit, usable := r.plainRead(ctx)
-	if hit {
-		c.flights.release(k, f)
-		return nil, true
-	}
-	start.stale, start.failed = r.stale, !usable
-	return start, false
+	finished = true
+	return start, done
 }
 
 // recheckL1 re-checks L1 inside the flight: between this caller's L1 miss and the flight's start, an
@@ -230,6 +257,9 @@ func (c *Cache[V]) runFlightFrom(callerCtx context.Context, k Key, f *flight[V],
 	// spares its allocations.
 	ctx := callerCtx
 	withoutCancel := false
+	if start != nil && start.withValues == nil {
+		start = nil // readFirst did nothing
+	}
 	switch _, ok := ctx.Deadline(); {
 	case start != nil:
 		ctx, withoutCancel = start.withValues, true
@@ -256,6 +286,10 @@ func (c *Cache[V]) runFlightFrom(callerCtx context.Context, k Key, f *flight[V],
 			if lctx != nil {
 				lctx.end()
 			}
+			// Every return has published; only a panic (which goes on up) has not, and the
+			// callers waiting on the flight must not wait for ever.
+			var zero V
+			c.flights.publish(f, zero, errFlightPanicked, false)
 			c.flights.release(k, f)
 		}
 	}()
