@@ -126,8 +126,8 @@ type flightStart[V any] struct {
 // caller's context has no deadline, or one more than the read's longest time away
 // (maxPlainReadCalls times L2Timeout); a caller whose context is cancelled during it returns when
 // it ends, within a millisecond while Redis is healthy. done reports that f has published its
-// value and been released; otherwise runFlightFrom goes on from start. A start whose read is unset
-// and whose withValues is nil is the flight's beginning: nothing was done here.
+// value and been released; otherwise runFlightFrom goes on from start. A start whose withValues is
+// nil is the flight's beginning: nothing was done here.
 func (c *Cache[V]) readFirst(callerCtx context.Context, k Key, f *flight[V]) (start flightStart[V], done bool) {
 	if callerCtx.Err() != nil {
 		return start, false // the caller is leaving: it waits for nothing
@@ -707,11 +707,7 @@ func (c *Cache[V]) pxTTL(ttl time.Duration, negative bool) time.Duration {
 
 // The distributed lease: <ns>:%l:<key>, SET NX PX with a random token, released only by its holder.
 
-func (c *Cache[V]) leaseKey(k Key) string {
-	var buf [256]byte
-	e, id, params := k.parts()
-	return string(appendKeyString(append(append(buf[:0], c.l2.prefix...), "%l:"...), e, id, params))
-}
+func (c *Cache[V]) leaseKey(k Key) string { return c.l2.keyOf("%l:", k) }
 
 // newLeaseToken is a lease's holder token: random, so that only its holder releases it.
 func newLeaseToken() string {

@@ -96,10 +96,14 @@ func checkClient(c redis.UniversalClient) error {
 }
 
 // key returns the Redis key of a valid k's value, built in one allocation.
-func (l *l2) key(k Key) string {
+func (l *l2) key(k Key) string { return l.keyOf("", k) }
+
+// keyOf returns "<ns>:<kind><k>", the Redis key of this kind of k's ("" for its value, "%l:" for
+// its lease), built in one allocation.
+func (l *l2) keyOf(kind string, k Key) string {
 	var buf [256]byte
 	e, id, params := k.parts()
-	return string(appendKeyString(append(buf[:0], l.prefix...), e, id, params))
+	return string(appendKeyString(append(append(buf[:0], l.prefix...), kind...), e, id, params))
 }
 
 // readKeys returns the Redis keys of a valid k's value and of its entity's generation, built in
