@@ -292,12 +292,11 @@ func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 	var scratch [256]byte
 	for _, i := range r.rd {
 		b.WriteString(c.l2.prefix)
-		b.Write(keys[i].appendString(scratch[:0]))
+		b.WriteString(keys[i].redis())
 		ends = append(ends, int32(b.Len()))
 	}
 	for _, x := range r.genRead {
-		e, id, _ := keys[r.first[x]].parts()
-		b.Write(c.l2.appendEntityGen(scratch[:0], e, id))
+		b.Write(c.l2.appendEntityGen(scratch[:0], keys[r.first[x]]))
 		ends = append(ends, int32(b.Len()))
 	}
 	all := b.String()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"strings"
 	"sync"
 	"time"
 
@@ -87,12 +88,16 @@ func decodeBus(data []byte) (busMsg, error) {
 	return m, nil
 }
 
-// keyFromCanonical rebuilds a Key from its canonical form as sent on the bus.
+// keyFromCanonical rebuilds a Key from its canonical form as sent on the bus; ok is false for a
+// string that is no key's canonical form.
 func keyFromCanonical(s string) (Key, bool) {
 	if s == "" || s[0] == 0 || len(s) > MaxKeyLen {
 		return Key{}, false
 	}
-	return Key{s: s, h: xxhash.Sum64String(s)}, true
+	head, params := Key{s: s, n: len(s)}.split()
+	e, id, _ := strings.Cut(head, "\x00")
+	k := makeKey(e, id, params)
+	return k, k.Valid() && k.canonical() == s // not a key's form if it does not come back
 }
 
 // The subscriber is one goroutine of our own around a go-redis PubSub, not go-redis's
@@ -233,7 +238,7 @@ func (c *Cache[V]) applyBus(data []byte) {
 // sendSet tells the other instances that k was written with the envelope data: each drops its copy
 // of k unless that copy was read from this very write.
 func (c *Cache[V]) sendSet(ctx context.Context, k Key, data []byte) {
-	c.send(ctx, busSet, []string{k.s, string(binary.BigEndian.AppendUint64(nil, xxhash.Sum64(data)))})
+	c.send(ctx, busSet, []string{k.canonical(), string(binary.BigEndian.AppendUint64(nil, xxhash.Sum64(data)))})
 }
 
 // send publishes a message; a failure is counted, not returned: Redis has already been changed,

@@ -332,8 +332,8 @@ func (c *Cache[V]) check(k Key) error {
 	if err := k.Err(); err != nil {
 		return err
 	}
-	if c.l2 != nil && len(c.l2.prefix)+len(k.s)*3+18 > MaxKeyLen { // escaping can triple entity and id
-		if n := len(c.l2.key(k)); n > MaxKeyLen {
+	if c.l2 != nil {
+		if n := len(c.l2.prefix) + len(k.redis()); n > MaxKeyLen {
 			return fmt.Errorf("imgcache: invalid key: Redis key of %d bytes is longer than %d", n, MaxKeyLen)
 		}
 	}

@@ -76,7 +76,7 @@ func (c *Cache[V]) Delete(ctx context.Context, ks ...Key) error {
 	err := c.l2.ordered(ctx,
 		func(p redis.Pipeliner) {
 			for _, k := range ks {
-				eval(ctx, p, bumpDeleteScript, []string{c.l2.entityMeta(k.Entity(), k.ID())})
+				eval(ctx, p, bumpDeleteScript, []string{c.l2.entityMetaOf(k)})
 			}
 		},
 		func(p redis.Pipeliner) {
@@ -93,7 +93,7 @@ func (c *Cache[V]) Delete(ctx context.Context, ks ...Key) error {
 	c.dropL1Keys(ks)
 	items := make([]string, len(ks))
 	for i, k := range ks {
-		items[i] = k.s
+		items[i] = k.canonical()
 	}
 	c.announce(ctx, err, busKeys, items)
 	if err != nil {

@@ -127,7 +127,7 @@ func TestBusSetKeepsOnlyACopyOfThatWrite(t *testing.T) {
 	}
 	written := xxhash.Sum64String(e.raw(k))
 	msg := func(wid uint64) []byte {
-		return encodeBus(busSet, b.instance+1, []string{k.s, string(binary.BigEndian.AppendUint64(nil, wid))})
+		return encodeBus(busSet, b.instance+1, []string{k.canonical(), string(binary.BigEndian.AppendUint64(nil, wid))})
 	}
 
 	b.applyBus(msg(written)) // the same write, reported late
@@ -144,8 +144,8 @@ func TestBusSetKeepsOnlyACopyOfThatWrite(t *testing.T) {
 	}
 
 	before := b.Stats().BusErrors
-	b.applyBus(encodeBus(busSet, b.instance+1, []string{k.s, "short"}))
-	b.applyBus(encodeBus(busSet, b.instance+1, []string{k.s}))
+	b.applyBus(encodeBus(busSet, b.instance+1, []string{k.canonical(), "short"}))
+	b.applyBus(encodeBus(busSet, b.instance+1, []string{k.canonical()}))
 	if got := b.Stats().BusErrors - before; got != 2 {
 		t.Errorf("malformed set messages counted %d bus errors, want 2", got)
 	}

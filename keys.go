@@ -7,6 +7,7 @@ import (
 	"strings"
 	"unicode"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/cespare/xxhash/v2"
 )
@@ -33,12 +34,18 @@ const MaxKeyLen = 1024
 // ("12" and "123", "a:b", an entity "artist:a"), no id can act as a glob in a pattern, and no id can
 // pin its key to a Redis Cluster slot.
 type Key struct {
-	// s is the canonical form: entity NUL id NUL name NUL value NUL name NUL value ..., parameters
-	// sorted by name. Valid parts contain no control bytes, so NUL cannot occur inside a part and the
-	// form is unambiguous. An invalid key has s = NUL followed by the reason; the zero Key has s = "".
+	// s is the canonical form and then the Redis form, String's. The canonical form, s[:n], is:
+	// entity NUL id NUL name NUL value NUL name NUL value ..., parameters sorted by name. Valid parts
+	// contain no control bytes, so NUL cannot occur inside a part and the form is unambiguous. The
+	// Redis form is a function of it, built once with the key, so that no read, write or
+	// invalidation escapes and hashes a key again. An invalid key has s = NUL followed by the reason
+	// and n = len(s); the zero Key has s = "".
 	s string
-	// h is xxhash64 of s, used to pick an L1 shard without hashing the key again on every read.
+	// h is xxhash64 of "entity NUL id" xor that of the parameters, used to pick an L1 shard without
+	// hashing the key again on every read.
 	h uint64
+	// n is the length of the canonical form in s.
+	n int
 }
 
 // NewKey returns the key of an entity ("artist", "album") and one of its ids ("123").
@@ -65,7 +72,7 @@ func NewKey(entity, id string) Key {
 	case hasControl(id):
 		return badKey(fmt.Sprintf("id %q has a control character", id))
 	}
-	return checkedKey(e + "\x00" + id)
+	return makeKey(e, id, "")
 }
 
 // With returns the key with one more parameter, such as With("size", "256") or With("type",
@@ -92,16 +99,13 @@ func (k Key) With(name, value string) Key {
 	if n == "" {
 		return badKey(fmt.Sprintf("parameter name %q is empty after normalisation", name))
 	}
-	// One pass over the sorted pairs, writing the new one in its place: one allocation in all.
+	// One pass over the sorted pairs, writing the new one in its place, into the new key's buffer:
+	// it differs from k in that pair alone, so k's size and the pair's bound it.
 	head, rest := k.split()
-	var b strings.Builder
-	b.Grow(len(k.s) + len(n) + len(v) + 2)
-	b.WriteString(head)
+	b := make([]byte, 0, len(k.s)+len(n)+len(v)+2)
+	b = append(b, head...)
 	pair := func(name, value string) {
-		b.WriteByte(0)
-		b.WriteString(name)
-		b.WriteByte(0)
-		b.WriteString(value)
+		b = append(append(append(append(b, 0), name...), 0), value...)
 	}
 	done := false
 	for rest != "" {
@@ -120,11 +124,21 @@ func (k Key) With(name, value string) Key {
 	if !done {
 		pair(n, v)
 	}
-	return checkedKey(b.String())
+	return finishKey(b, len(head), k.escapedHead(), "", "")
 }
 
 // Valid reports whether the key was built from good input.
 func (k Key) Valid() bool { return k.s != "" && k.s[0] != 0 }
+
+// canonical returns the key's canonical form (see Key.s); for an invalid key, NUL and the reason.
+func (k Key) canonical() string { return k.s[:k.n] }
+
+// redis returns a valid key's Redis form, String's.
+func (k Key) redis() string { return k.s[k.n:] }
+
+// escapedHead returns a valid key's "<escaped entity>:<escaped id>", as its entity's Redis keys
+// hold it (l2.appendEntityKey).
+func (k Key) escapedHead() string { return k.s[k.n : len(k.s)-len(":0123456789abcdef")] }
 
 // Err returns nil for a valid key, or an error that says what input made it invalid.
 func (k Key) Err() error {
@@ -142,7 +156,7 @@ func (k Key) Entity() string {
 	if !k.Valid() {
 		return ""
 	}
-	e, _, _ := strings.Cut(k.s, "\x00")
+	e, _, _ := strings.Cut(k.canonical(), "\x00")
 	return e
 }
 
@@ -151,7 +165,7 @@ func (k Key) ID() string {
 	if !k.Valid() {
 		return ""
 	}
-	_, rest, _ := strings.Cut(k.s, "\x00")
+	_, rest, _ := strings.Cut(k.canonical(), "\x00")
 	id, _, _ := strings.Cut(rest, "\x00")
 	return id
 }
@@ -165,48 +179,21 @@ func (k Key) String() string {
 		}
 		return "!invalid(" + k.s[1:] + ")"
 	}
-	var buf [128]byte // most keys fit: the only allocation is the string itself
-	return string(k.appendString(buf[:0]))
+	return k.redis()
 }
 
-// appendString appends String's form of a valid key to b.
-func (k Key) appendString(b []byte) []byte {
-	e, id, params := k.parts()
-	return appendKeyString(b, e, id, params)
-}
+// noParamsHash is the xxhash of no parameters: most keys have none.
+var noParamsHash = xxhash.Sum64String("")
 
-// parts returns a valid key's entity, id and canonical parameters.
-func (k Key) parts() (entity, id, params string) {
-	head, params := k.split()
-	entity, id, _ = strings.Cut(head, "\x00")
-	return entity, id, params
-}
-
-// appendKeyString appends String's form of the key with these parts to b.
-func appendKeyString(b []byte, e, id, params string) []byte {
-	b = appendEscaped(b, e)
-	b = append(b, ':')
-	b = appendEscaped(b, id)
-	b = append(b, ':')
-	if params == "" { // most keys: the hash of no parameters is a constant
-		return append(b, noParamsSum...)
-	}
-	return appendParamsSum(b, params)
-}
-
-// appendParamsSum appends the hex form of params' xxhash, big-endian.
-func appendParamsSum(b []byte, params string) []byte {
+// appendSum appends h as 16 hex digits, big-endian.
+func appendSum(b []byte, h uint64) []byte {
 	var sum [8]byte
-	h := xxhash.Sum64String(params)
 	for i := 7; i >= 0; i-- {
 		sum[i] = byte(h)
 		h >>= 8
 	}
 	return hex.AppendEncode(b, sum[:])
 }
-
-// noParamsSum is appendParamsSum's form of no parameters.
-var noParamsSum = string(appendParamsSum(nil, ""))
 
 // GoString makes %#v print the key readably in test failures.
 func (k Key) GoString() string { return "imgcache.Key(" + k.String() + ")" }
@@ -222,24 +209,66 @@ func entityPrefix(entity, id string) string {
 
 var errZeroKey = errors.New("imgcache: invalid key: zero Key (use NewKey)")
 
-func badKey(reason string) Key { return Key{s: "\x00" + reason} }
+func badKey(reason string) Key {
+	s := "\x00" + reason
+	return Key{s: s, n: len(s)}
+}
 
-func checkedKey(s string) Key {
-	if len(s) > MaxKeyLen {
-		return badKey(fmt.Sprintf("key of %d bytes is longer than %d", len(s), MaxKeyLen))
+// makeKey returns the key with these normalised parts (params canonical: "name NUL value NUL ...",
+// sorted by name, or ""), in one allocation, or an invalid key if its canonical form is longer than
+// MaxKeyLen.
+func makeKey(e, id, params string) Key {
+	n := len(e) + 1 + len(id)
+	if params != "" {
+		n += 1 + len(params)
 	}
-	return Key{s: s, h: xxhash.Sum64String(s)}
+	if n > MaxKeyLen {
+		return badKey(fmt.Sprintf("key of %d bytes is longer than %d", n, MaxKeyLen))
+	}
+	// The Redis form is about as long as the canonical form; append grows b if there are escapes.
+	b := make([]byte, 0, 2*n+len(":0123456789abcdef"))
+	b = append(append(append(b, e...), 0), id...)
+	if params != "" {
+		b = append(append(b, 0), params...)
+	}
+	return finishKey(b, len(e)+1+len(id), "", e, id)
+}
+
+// finishKey appends the Redis form to b, which holds a key's canonical form, the first head bytes
+// of it "entity NUL id", and returns the key, or an invalid key if the canonical form is longer
+// than MaxKeyLen. escHead is "<escaped entity>:<escaped id>" if the caller has it (another key's
+// escapedHead); if it is "", e and id are escaped.
+func finishKey(b []byte, head int, escHead, e, id string) Key {
+	n := len(b)
+	if n > MaxKeyLen {
+		return badKey(fmt.Sprintf("key of %d bytes is longer than %d", n, MaxKeyLen))
+	}
+	sum := noParamsHash
+	if n > head {
+		sum = xxhash.Sum64(b[head+1:])
+	}
+	if escHead != "" {
+		b = append(b, escHead...)
+	} else {
+		b = appendEscaped(append(appendEscaped(b, e), ':'), id)
+	}
+	b = appendSum(append(b, ':'), sum)
+	s := unsafe.String(unsafe.SliceData(b), len(b)) // b is not written again
+	// The parameters' hash is in the Redis form already: h needs only the head's. Keys of one entity
+	// and id differ in sum, keys with the same parameters in the head's hash.
+	return Key{s: s, h: xxhash.Sum64String(s[:head]) ^ sum, n: n}
 }
 
 // split returns "entity NUL id" and the parameter part "name NUL value NUL ..." (without its leading
 // NUL), which is what the parameter hash covers.
 func (k Key) split() (head, params string) {
-	i := strings.IndexByte(k.s, 0)
-	j := strings.IndexByte(k.s[i+1:], 0)
+	c := k.canonical()
+	i := strings.IndexByte(c, 0)
+	j := strings.IndexByte(c[i+1:], 0)
 	if j < 0 {
-		return k.s, ""
+		return c, ""
 	}
-	return k.s[:i+1+j], k.s[i+2+j:]
+	return c[:i+1+j], c[i+2+j:]
 }
 
 // normName case-folds a parameter name and drops the separators people spell differently.

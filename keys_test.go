@@ -145,6 +145,43 @@ func TestKeyString(t *testing.T) {
 	}
 }
 
+// TestKeyCarriesItsRedisForm: a Key holds its Redis form from the start, so String and the Redis
+// keys cost no allocation; With keeps an escaped entity and id escaped; and a key rebuilt from its
+// canonical form, as the bus sends it, is == the key.
+func TestKeyCarriesItsRedisForm(t *testing.T) {
+	keys := []Key{
+		NewKey("artist", "123"),
+		NewKey("my artist", "a:b*{x}").With("size", "256"),
+		NewKey("artist", "50%").With("type", "avatar").With("size", "512"),
+		NewKey("Artist ", "Björk").With("Size", " 64 ").With("size", "128"),
+	}
+	for _, k := range keys {
+		t.Run(k.String(), func(t *testing.T) {
+			e, id := k.Entity(), k.ID()
+			_, params := k.split()
+			if got, want := k.String(), string(appendSum([]byte(entityPrefix(e, id)), xxhash.Sum64String(params))); got != want {
+				t.Errorf("String() = %q, want %q (escaped parts and the hash of %q)", got, want, params)
+			}
+			if n := testing.AllocsPerRun(100, func() { _ = k.String() }); n != 0 {
+				t.Errorf("String() allocates %v times, want 0", n)
+			}
+			if got, want := k.escapedHead()+":", entityPrefix(e, id); got != want {
+				t.Errorf("escapedHead() = %q, want %q", got, want)
+			}
+			got, ok := keyFromCanonical(k.canonical())
+			if !ok || got != k {
+				t.Errorf("keyFromCanonical(%q) = %#v, %v; want %#v", k.canonical(), got, ok, k)
+			}
+		})
+	}
+	for _, s := range []string{"", "\x00reason", "no-nul", "e\x00", strings.Repeat("x", MaxKeyLen+1)} {
+		k, ok := keyFromCanonical(s)
+		if ok && k.canonical() != s {
+			t.Errorf("keyFromCanonical(%q) = %#v, a valid key of another form", s, k)
+		}
+	}
+}
+
 // TestKeyStringInjective builds keys that a naive join would confuse and checks that no two share a
 // String, and that no entity/id part could act as a Redis glob.
 func TestKeyStringInjective(t *testing.T) {

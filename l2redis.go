@@ -100,20 +100,15 @@ func (l *l2) key(k Key) string { return l.keyOf("", k) }
 
 // keyOf returns "<ns>:<kind><k>", the Redis key of this kind of k's ("" for its value, "%l:" for
 // its lease), built in one allocation.
-func (l *l2) keyOf(kind string, k Key) string {
-	var buf [256]byte
-	e, id, params := k.parts()
-	return string(appendKeyString(append(append(buf[:0], l.prefix...), kind...), e, id, params))
-}
+func (l *l2) keyOf(kind string, k Key) string { return l.prefix + kind + k.redis() }
 
 // readKeys returns the Redis keys of a valid k's value and of its entity's generation, built in
 // one allocation: a read needs both.
 func (l *l2) readKeys(k Key) (rkey, genKey string) {
 	var buf [256]byte
-	e, id, params := k.parts()
-	b := appendKeyString(append(buf[:0], l.prefix...), e, id, params)
+	b := append(append(buf[:0], l.prefix...), k.redis()...)
 	n := len(b)
-	s := string(l.appendEntityGen(b, e, id))
+	s := string(l.appendEntityGen(b, k))
 	return s[:n], s[n:]
 }
 
@@ -212,9 +207,15 @@ func (l *l2) entityKey(kind, entity, id string) string {
 	return string(l.appendEntityKey(buf[:0], kind, entity, id))
 }
 
-// appendEntityGen appends entityGen(entity, id) to b.
-func (l *l2) appendEntityGen(b []byte, entity, id string) []byte {
-	return l.appendEntityKey(b, "%g:", entity, id)
+// entityMetaOf and entityGenOf are entityMeta and entityGen of a valid k's entity, from the
+// escaped parts that k holds.
+func (l *l2) entityMetaOf(k Key) string { return l.prefix + "%e:{" + k.escapedHead() + "}" }
+func (l *l2) entityGenOf(k Key) string  { return l.prefix + "%g:{" + k.escapedHead() + "}" }
+
+// appendEntityGen appends entityGen(k.Entity(), k.ID()) to b, for a valid k.
+func (l *l2) appendEntityGen(b []byte, k Key) []byte {
+	b = append(append(append(b, l.prefix...), "%g:"...), '{')
+	return append(append(b, k.escapedHead()...), '}')
 }
 
 // appendEntityKey appends "<ns>:<kind>{<entity>:<id>}", escaped, to b. The braces make a Redis

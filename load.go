@@ -423,7 +423,7 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 			if get[i] {
 				getCmds[i] = p.Get(ctx, c.l2.prefix+ks)
 			}
-			entityCmds[i] = scripts.run(ctx, p, registerScript, []string{c.l2.entityMeta(k.Entity(), k.ID()), c.l2.entityGen(k.Entity(), k.ID())},
+			entityCmds[i] = scripts.run(ctx, p, registerScript, []string{c.l2.entityMetaOf(k), c.l2.entityGenOf(k)},
 				newGeneration(), metaMs, ks[len(ks)-16:], bump, ttl.Milliseconds())
 			for j, t := range tags {
 				tagCmds[i*len(tags)+j] = scripts.run(ctx, p, registerScript, []string{c.l2.tagMeta(t)}, newGeneration(), metaMs, ks, "0", ttl.Milliseconds())
@@ -553,7 +553,7 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 		},
 		func(p redis.Pipeliner) {
 			for i, w := range ws {
-				meta := c.l2.entityMeta(w.k.Entity(), w.k.ID())
+				meta := c.l2.entityMetaOf(w.k)
 				ds[i] = p.HGet(ctx, meta, "d")
 				if single && w.lease != nil {
 					releases[i] = scripts.run(ctx, p, releaseIfUnchangedScript,
@@ -613,7 +613,7 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 	items := make([]string, len(back))
 	for j, i := range back {
 		c.delUnreadable(ctx, rkeys[i], ws[i].data)
-		items[j] = ws[i].k.s
+		items[j] = ws[i].k.canonical()
 	}
 	c.send(ctx, busKeys, items)
 	return kept
