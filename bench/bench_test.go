@@ -403,7 +403,8 @@ func l2HitPeers(b *testing.B, rdb *redis.Client) (*imgcache.Cache[meta], []peer)
 const batchSize = 100
 
 // BenchmarkGetMany: a batch of 100 keys, all in Redis and none in L1 (imgcache with L1Size -1), read
-// by imgcache's GetMany and by two floors, each one go-redis MGET and a decode of each value:
+// by imgcache's GetMany and by two floors, each one go-redis MGET and a decode of each value into a
+// slice of the batch's values, which a caller gets back as it gets GetMany's:
 //
 //   - go-redis-MGET+decode reads the very keys imgcache wrote and decodes each value's payload
 //     (past imgcache's envelope), so that Redis does the same work for both rows and the ratio is
@@ -458,14 +459,14 @@ func getManyPeers(b *testing.B, rdb *redis.Client) (*imgcache.Cache[meta], []pee
 		if err != nil {
 			return false
 		}
-		for _, v := range vals {
+		ms := make([]meta, len(vals)) // the batch's values, as GetMany returns them
+		for i, v := range vals {
 			s, ok := v.(string)
 			if !ok {
 				return false
 			}
 			data, ok := payload([]byte(s))
-			var m meta
-			if !ok || m.UnmarshalBinary(data) != nil {
+			if !ok || ms[i].UnmarshalBinary(data) != nil {
 				return false
 			}
 		}
