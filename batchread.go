@@ -253,8 +253,9 @@ func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 		r.seqs = make([]uint64, 0, n)
 	}
 	r.genv = make([]genValue, 0, n)
+	hs := make([]uint64, 0, n) // the xxhash of each entity's head
 	t := newHashIndex(n)
-	size := 0 // without escapes; the buffer grows if there are any
+	size := 0
 	for i, k := range keys {
 		if c.guard.skipRead() { // the hit-rate guard skips the key as it would skip its Get
 			continue
@@ -269,23 +270,35 @@ func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 		if *x == 0 {
 			r.first = append(r.first, int32(i))
 			*x = int32(len(r.first))
-			var g uint64
-			ok := false
-			if trusting {
-				g, ok = c.trustedGenHashed(head, h)
-			}
-			r.genv = append(r.genv, genValue{gen: g, ok: ok, trusted: ok})
-			if !ok {
-				r.genRead = append(r.genRead, *x-1)
-				r.genSeq = append(r.genSeq, c.inv.of(k))
-				size += len(c.l2.prefix) + len(head) + len("%g:{}")
-			}
+			hs = append(hs, h)
 		}
 		r.gen = append(r.gen, *x-1)
-		size += len(c.l2.prefix) + len(head) + len(":0123456789abcdef")
+		size += len(c.l2.prefix) + len(k.redis())
 	}
 	if len(r.rd) == 0 {
 		return r
+	}
+	// The trusted generations are looked up in loops of their own: first every entity's bucket, then
+	// every record. Each is a cache miss when the table is large, and one lookup's wait on each
+	// other; in loops this short the processor overlaps those of many entities.
+	r.genv = r.genv[:len(r.first)]
+	if trusting && c.gens != nil && c.subscribed.Load() {
+		recs := make([]*trustedGen, len(r.first))
+		for x, h := range hs {
+			recs[x] = c.gens.find(h)
+		}
+		for x, i := range r.first {
+			head, _ := keys[i].split()
+			g, ok := c.gens.check(recs[x], head)
+			r.genv[x] = genValue{gen: g, ok: ok, trusted: ok}
+		}
+	}
+	for x, i := range r.first {
+		if !r.genv[x].trusted {
+			r.genRead = append(r.genRead, int32(x))
+			r.genSeq = append(r.genSeq, c.inv.of(keys[i]))
+			size += len(c.l2.prefix) + len("%g:{}") + len(keys[i].escapedHead())
+		}
 	}
 	var b strings.Builder // its String does not copy the buffer
 	b.Grow(size)

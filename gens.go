@@ -64,12 +64,38 @@ type genSlot struct {
 	rec atomic.Pointer[trustedGen]
 }
 
-// trustedGen is one trusted generation; it is never modified once stored.
+// trustedGen is one trusted generation; it is never modified once stored. A name that fits is held
+// in the record itself, so that checking a record reads one cache line where a string would point
+// to a second: most entities' heads ("artist\x00123") fit.
 type trustedGen struct {
-	name  string
 	gen   uint64
 	exp   int64  // coarseNow reading after which the generation is not trusted
 	epoch uint64 // trustedGens.epoch when it was stored
+	long  string // the name, if short cannot hold it
+	n     uint8  // the name's length, if short holds it
+	short [shortName]byte
+}
+
+// shortName makes a trustedGen 64 bytes, a size the allocator aligns to a cache line.
+const shortName = 23
+
+func newTrustedGen(name string, gen uint64, exp int64, epoch uint64) *trustedGen {
+	r := &trustedGen{gen: gen, exp: exp, epoch: epoch}
+	if len(name) <= shortName {
+		r.n = uint8(len(name))
+		copy(r.short[:], name)
+	} else {
+		r.long = strings.Clone(name)
+	}
+	return r
+}
+
+// is reports whether r is name's record. Names are never empty.
+func (r *trustedGen) is(name string) bool {
+	if r.long != "" {
+		return r.long == name
+	}
+	return string(r.short[:r.n]) == name
 }
 
 // live reports whether r is trusted in epoch at now.
@@ -89,20 +115,29 @@ func newTrustedGens(size int, ttl int64) *trustedGens {
 }
 
 // get returns the trusted generation of name (an entity's head or a tag), whose xxhash is h.
-func (t *trustedGens) get(name string, h uint64) (uint64, bool) {
+func (t *trustedGens) get(name string, h uint64) (uint64, bool) { return t.check(t.find(h), name) }
+
+// find returns the record in h's bucket whose hash is h, or nil: the first half of get, which
+// reads the bucket. A batch finds every name's record before it checks any (newL2Read), so that
+// the processor overlaps the cache misses of many buckets, then of many records. Two names of one
+// hash in a bucket make the second a miss, never a wrong answer: check compares the name.
+func (t *trustedGens) find(h uint64) *trustedGen {
 	b := &t.buckets[h&t.mask]
 	for i := range b {
-		if b[i].h.Load() != h {
-			continue
-		}
-		if r := b[i].rec.Load(); r != nil && r.name == name {
-			if !r.live(t.epoch.Load(), coarseNow()) {
-				return 0, false
-			}
-			return r.gen, true
+		if b[i].h.Load() == h {
+			return b[i].rec.Load()
 		}
 	}
-	return 0, false
+	return nil
+}
+
+// check returns r's generation if r (nil or not) is name's record and is trusted now: the second
+// half of get, which reads the record.
+func (t *trustedGens) check(r *trustedGen, name string) (uint64, bool) {
+	if r == nil || !r.is(name) || !r.live(t.epoch.Load(), coarseNow()) {
+		return 0, false
+	}
+	return r.gen, true
 }
 
 // lock locks the stripe of the bucket that h picks, and returns the bucket and its unlock.
@@ -127,7 +162,7 @@ func (t *trustedGens) putIf(name string, gen uint64, seq uint64, inv *invalidati
 	for i := range b {
 		r := b[i].rec.Load()
 		switch {
-		case r != nil && r.name == name:
+		case r != nil && r.is(name):
 			at = i
 		case free < 0 && (r == nil || !r.live(epoch, now)):
 			free = i
@@ -135,13 +170,12 @@ func (t *trustedGens) putIf(name string, gen uint64, seq uint64, inv *invalidati
 	}
 	switch {
 	case at >= 0:
-		name = b[at].rec.Load().name // already a copy of its own
 	case free >= 0:
-		at, name = free, strings.Clone(name)
+		at = free
 	default: // full: drop one
-		at, name = int(mrand.Uint32N(genWays)), strings.Clone(name)
+		at = int(mrand.Uint32N(genWays))
 	}
-	b[at].rec.Store(&trustedGen{name: name, gen: gen, exp: now + t.ttl, epoch: epoch})
+	b[at].rec.Store(newTrustedGen(name, gen, now+t.ttl, epoch))
 	b[at].h.Store(h)
 }
 
@@ -154,7 +188,7 @@ func (t *trustedGens) forget(names ...string) {
 	for _, n := range names {
 		b, mu := t.lock(xxhash.Sum64String(n))
 		for i := range b {
-			if r := b[i].rec.Load(); r != nil && r.name == n {
+			if r := b[i].rec.Load(); r != nil && r.is(n) {
 				b[i].rec.Store(nil)
 				b[i].h.Store(0)
 			}

@@ -7,10 +7,12 @@ import (
 	"math"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/cespare/xxhash/v2"
 	"github.com/redis/go-redis/v9"
@@ -295,6 +297,48 @@ func TestTrustedGensPutIfAndBound(t *testing.T) {
 	g.putIf("tag9999", 3, 1, &inv)
 	if v, ok := get("tag9999"); !ok || v != 3 {
 		t.Errorf("after forgetAll, a new fill reads %d, %v; want 3, true", v, ok)
+	}
+}
+
+// A record holds a name of up to shortName bytes itself and a longer one as a string: names on
+// either side of the bound, and names that share a prefix with them, each find their own record.
+func TestTrustedGensShortAndLongNames(t *testing.T) {
+	acquireClock()
+	defer releaseClock()
+	if size := unsafe.Sizeof(trustedGen{}); size != 64 {
+		t.Errorf("a trustedGen is %d bytes, want 64 (one cache line)", size)
+	}
+	g := newTrustedGens(100, int64(time.Minute))
+	var inv invalidations
+	get := func(name string) (uint64, bool) { return g.get(name, xxhash.Sum64String(name)) }
+	names := []string{
+		"a\x001",
+		"artist\x00" + strings.Repeat("7", shortName-len("artist\x00")),   // fits exactly
+		"artist\x00" + strings.Repeat("7", shortName-len("artist\x00")+1), // one byte too long
+		"album\x00" + strings.Repeat("f", 64),
+	}
+	for i, n := range names {
+		g.putIf(n, uint64(100+i), 0, &inv)
+	}
+	for i, n := range names {
+		if v, ok := get(n); !ok || v != uint64(100+i) {
+			t.Errorf("get(%q) = %d, %v; want %d, true", n, v, ok, 100+i)
+		}
+		// The name cut short by a byte, or one byte longer, is another name.
+		for _, other := range []string{n[:len(n)-1], n + "7"} {
+			if r := g.find(xxhash.Sum64String(n)); r != nil && r.is(other) {
+				t.Errorf("the record of %q is also %q's", n, other)
+			}
+		}
+	}
+	g.forget(names[2], names[3])
+	for _, n := range names[2:] {
+		if _, ok := get(n); ok {
+			t.Errorf("%q is still trusted after forget", n)
+		}
+	}
+	if _, ok := get(names[1]); !ok {
+		t.Errorf("forgetting longer names forgot %q", names[1])
 	}
 }
 
