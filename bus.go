@@ -88,14 +88,18 @@ func decodeBus(data []byte) (busMsg, error) {
 	return m, nil
 }
 
-// keyFromCanonical rebuilds a Key from its canonical form as sent on the bus; ok is false for a
-// string that is no key's canonical form.
+// keyFromCanonical rebuilds a Key from its canonical form as sent on the bus. It refuses a string
+// with an empty entity or id, or one that does not come back unchanged when rebuilt; what it
+// accepts beyond NewKey's and With's forms (an unsorted parameter list, say) matches no key in L1.
 func keyFromCanonical(s string) (Key, bool) {
 	if s == "" || s[0] == 0 || len(s) > MaxKeyLen {
 		return Key{}, false
 	}
 	head, params := Key{s: s, n: len(s)}.split()
 	e, id, _ := strings.Cut(head, "\x00")
+	if e == "" || id == "" {
+		return Key{}, false
+	}
 	k := makeKey(e, id, params)
 	return k, k.Valid() && k.canonical() == s // not a key's form if it does not come back
 }

@@ -79,13 +79,15 @@ type trustedGen struct {
 // shortName makes a trustedGen 64 bytes, a size the allocator aligns to a cache line.
 const shortName = 23
 
+// newTrustedGen returns name's record. A name longer than shortName is kept as given: the caller
+// passes a copy of its own, not a part of a larger string that the record would keep alive.
 func newTrustedGen(name string, gen uint64, exp int64, epoch uint64) *trustedGen {
 	r := &trustedGen{gen: gen, exp: exp, epoch: epoch}
 	if len(name) <= shortName {
 		r.n = uint8(len(name))
 		copy(r.short[:], name)
 	} else {
-		r.long = strings.Clone(name)
+		r.long = name
 	}
 	return r
 }
@@ -168,12 +170,19 @@ func (t *trustedGens) putIf(name string, gen uint64, seq uint64, inv *invalidati
 			free = i
 		}
 	}
+	owned := false // name is a copy of its own
 	switch {
 	case at >= 0:
+		if long := b[at].rec.Load().long; long != "" {
+			name, owned = long, true
+		}
 	case free >= 0:
 		at = free
 	default: // full: drop one
 		at = int(mrand.Uint32N(genWays))
+	}
+	if !owned && len(name) > shortName {
+		name = strings.Clone(name)
 	}
 	b[at].rec.Store(newTrustedGen(name, gen, now+t.ttl, epoch))
 	b[at].h.Store(h)

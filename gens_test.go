@@ -340,6 +340,22 @@ func TestTrustedGensShortAndLongNames(t *testing.T) {
 	if _, ok := get(names[1]); !ok {
 		t.Errorf("forgetting longer names forgot %q", names[1])
 	}
+	// A long name is copied, not kept as a part of the caller's larger string, and a refresh of its
+	// record keeps that copy.
+	whole := "album\x00" + strings.Repeat("9", 1000)
+	long := whole[:64]
+	g.putIf(long, 1, 0, &inv)
+	first := g.find(xxhash.Sum64String(long))
+	if first == nil || !first.is(long) {
+		t.Fatalf("no record for %q", long)
+	}
+	if unsafe.StringData(first.long) == unsafe.StringData(whole) {
+		t.Error("the record keeps the caller's string")
+	}
+	g.putIf(long, 2, 0, &inv)
+	if again := g.find(xxhash.Sum64String(long)); again == nil || again.gen != 2 || unsafe.StringData(again.long) != unsafe.StringData(first.long) {
+		t.Error("a refresh did not reuse the record's copy of its name")
+	}
 }
 
 // Lookups take no lock: while writers fill, evict, forget and flush a table much smaller than their

@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math/bits"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -41,8 +42,8 @@ type Key struct {
 	// invalidation escapes and hashes a key again. An invalid key has s = NUL followed by the reason
 	// and n = len(s); the zero Key has s = "".
 	s string
-	// h is xxhash64 of "entity NUL id" xor that of the parameters, used to pick an L1 shard without
-	// hashing the key again on every read.
+	// h is xxhash64 of "entity NUL id", mixed, xor that of the parameters (see finishKey), used to
+	// pick an L1 shard and slot without hashing the key again on every read.
 	h uint64
 	// n is the length of the canonical form in s.
 	n int
@@ -133,12 +134,17 @@ func (k Key) Valid() bool { return k.s != "" && k.s[0] != 0 }
 // canonical returns the key's canonical form (see Key.s); for an invalid key, NUL and the reason.
 func (k Key) canonical() string { return k.s[:k.n] }
 
-// redis returns a valid key's Redis form, String's.
+// redis returns a valid key's Redis form, String's, or "" for an invalid key.
 func (k Key) redis() string { return k.s[k.n:] }
 
 // escapedHead returns a valid key's "<escaped entity>:<escaped id>", as its entity's Redis keys
-// hold it (l2.appendEntityKey).
-func (k Key) escapedHead() string { return k.s[k.n : len(k.s)-len(":0123456789abcdef")] }
+// hold it (l2.appendEntityKey), or "" for an invalid key.
+func (k Key) escapedHead() string {
+	if !k.Valid() {
+		return ""
+	}
+	return k.s[k.n : len(k.s)-len(":0123456789abcdef")]
+}
 
 // Err returns nil for a valid key, or an error that says what input made it invalid.
 func (k Key) Err() error {
@@ -254,9 +260,10 @@ func finishKey(b []byte, head int, escHead, e, id string) Key {
 	}
 	b = appendSum(append(b, ':'), sum)
 	s := unsafe.String(unsafe.SliceData(b), len(b)) // b is not written again
-	// The parameters' hash is in the Redis form already: h needs only the head's. Keys of one entity
-	// and id differ in sum, keys with the same parameters in the head's hash.
-	return Key{s: s, h: xxhash.Sum64String(s[:head]) ^ sum, n: n}
+	// The parameters' hash is in the Redis form already: h needs only the head's, mixed first. A
+	// plain xor would make a key whose head and parameters are the same string hash to 0, and two
+	// keys that swap them hash alike; L1 keeps one entry per hash, so they would evict each other.
+	return Key{s: s, h: bits.RotateLeft64(xxhash.Sum64String(s[:head])*0x9e3779b97f4a7c15, 31) ^ sum, n: n}
 }
 
 // split returns "entity NUL id" and the parameter part "name NUL value NUL ..." (without its leading

@@ -174,10 +174,46 @@ func TestKeyCarriesItsRedisForm(t *testing.T) {
 			}
 		})
 	}
-	for _, s := range []string{"", "\x00reason", "no-nul", "e\x00", strings.Repeat("x", MaxKeyLen+1)} {
-		k, ok := keyFromCanonical(s)
-		if ok && k.canonical() != s {
-			t.Errorf("keyFromCanonical(%q) = %#v, a valid key of another form", s, k)
+	// Strings that are no key's canonical form.
+	for _, s := range []string{"", "\x00reason", "no-nul", "e\x00", "\x00id", strings.Repeat("x", MaxKeyLen+1)} {
+		if k, ok := keyFromCanonical(s); ok {
+			t.Errorf("keyFromCanonical(%q) = %#v, true; want false", s, k)
+		}
+	}
+	var zero Key
+	if got := zero.escapedHead() + NewKey("", "x").escapedHead(); got != "" {
+		t.Errorf("escapedHead of invalid keys = %q, want \"\"", got)
+	}
+}
+
+// TestKeyHashesSpreadStructuredKeys: keys built from the same strings in different roles (an
+// entity and id that are also a parameter's name and value, or two keys that swap their head and
+// parameter) get different hashes. L1 keeps one entry per hash, so keys that shared one would
+// evict each other.
+func TestKeyHashesSpreadStructuredKeys(t *testing.T) {
+	seen := map[uint64]Key{}
+	add := func(k Key) {
+		t.Helper()
+		if err := k.Err(); err != nil {
+			t.Fatal(err)
+		}
+		if k.h == 0 {
+			t.Errorf("%#v hashes to 0", k)
+		}
+		if other, dup := seen[k.h]; dup && other != k {
+			t.Errorf("%#v and %#v share the hash %x", other, k, k.h)
+		}
+		seen[k.h] = k
+	}
+	words := []string{"a", "1", "artist", "size", "512", "page", "user", "42", "type", "avatar"}
+	for _, x := range words {
+		for _, y := range words {
+			add(NewKey(x, y))
+			for _, z := range words {
+				add(NewKey(x, y).With(x, y))
+				add(NewKey(x, y).With(y, z))
+				add(NewKey(x, y).With(z, x))
+			}
 		}
 	}
 }

@@ -38,6 +38,25 @@ func TestL1HashCollisionNeverServesAnotherKey(t *testing.T) {
 	}
 }
 
+// Keys whose parameter repeats their entity and id (NewKey("page", i).With("page", i)) each keep
+// their own entry in an L1 with room for them all.
+func TestL1KeepsKeysThatRepeatTheirHead(t *testing.T) {
+	for _, policy := range []Policy{PolicyLRU, PolicyTinyLFU} {
+		t.Run(fmt.Sprint(policy), func(t *testing.T) {
+			l := newL1[int](1000, policy)
+			k := func(i int) Key { return NewKey("page", fmt.Sprint(i)).With("page", fmt.Sprint(i)) }
+			for i := range 10 {
+				l.add(k(i), testEntry(i))
+			}
+			for i := range 10 {
+				if e, ok := l.get(k(i)); !ok || e.val != i {
+					t.Errorf("get(%#v) = %v, %v; want %d", k(i), e, ok, i)
+				}
+			}
+		})
+	}
+}
+
 // Hits order eviction: the least recently used entry goes first, however many hits came before.
 func TestL1HitsOrderEviction(t *testing.T) {
 	for _, hits := range []int{1, 15, 16, 53} {
