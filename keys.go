@@ -103,6 +103,9 @@ func (k Key) With(name, value string) Key {
 	// One pass over the sorted pairs, writing the new one in its place, into the new key's buffer:
 	// it differs from k in that pair alone, so k's size and the pair's bound it.
 	head, rest := k.split()
+	if least := len(head) + 2 + len(n) + len(v); least > MaxKeyLen { // before allocating for it
+		return badKey(fmt.Sprintf("key of at least %d bytes is longer than %d", least, MaxKeyLen))
+	}
 	b := make([]byte, 0, len(k.s)+len(n)+len(v)+2)
 	b = append(b, head...)
 	pair := func(name, value string) {

@@ -3,6 +3,7 @@ package imgcache
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -359,6 +360,27 @@ func TestKeyMaxLenBoundary(t *testing.T) {
 	}
 	if err := NewKey("a", id+"x").Err(); err == nil {
 		t.Errorf("key of MaxKeyLen+1: got nil, want an error")
+	}
+	// A parameter: "a" NUL "1" NUL "n" NUL value.
+	base := NewKey("a", "1")
+	value := strings.Repeat("v", MaxKeyLen-len("a\x001\x00n\x00"))
+	if err := base.With("n", value).Err(); err != nil {
+		t.Errorf("With to exactly MaxKeyLen: got %v, want nil", err)
+	}
+	if err := base.With("n", value+"v").Err(); err == nil || !strings.Contains(err.Error(), "longer than") {
+		t.Errorf("With to MaxKeyLen+1: got %v, want an error saying it is longer than %d", err, MaxKeyLen)
+	}
+	// A huge value is refused before a buffer for it is made.
+	huge := strings.Repeat("v", 16<<20)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	k := base.With("n", huge)
+	runtime.ReadMemStats(&after)
+	if k.Valid() {
+		t.Error("With of a 16 MiB value made a valid key")
+	}
+	if got := after.TotalAlloc - before.TotalAlloc; got > 1<<20 {
+		t.Errorf("With of a 16 MiB value allocated %d bytes before refusing it", got)
 	}
 }
 
