@@ -179,7 +179,8 @@ func (k Key) ID() string {
 	return id
 }
 
-// String returns the key as it appears in Redis after "<Namespace>:", as described on [Key]. An
+// String returns the key as it appears in Redis after "<Namespace>:", as described on [Key]. A
+// valid key carries this form from [NewKey] and [Key.With] on, so String does not allocate. An
 // invalid key returns "!invalid(<reason>)", which contains characters no valid key has.
 func (k Key) String() string {
 	if !k.Valid() {
