@@ -282,7 +282,7 @@ func (c *Cache[V]) newL2Read(keys []Key, trusting bool) l2Read {
 	// every record. Each is a cache miss when the table is large, and one lookup's wait on each
 	// other; in loops this short the processor overlaps those of many entities.
 	r.genv = r.genv[:len(r.first)]
-	if trusting && c.gens != nil && c.subscribed.Load() {
+	if trusting && c.trusts() {
 		recs := make([]*trustedGen, len(r.first))
 		for x, h := range hs {
 			recs[x] = c.gens.find(h)

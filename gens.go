@@ -170,19 +170,19 @@ func (t *trustedGens) putIf(name string, gen uint64, seq uint64, inv *invalidati
 			free = i
 		}
 	}
-	owned := false // name is a copy of its own
 	switch {
 	case at >= 0:
-		if long := b[at].rec.Load().long; long != "" {
-			name, owned = long, true
-		}
 	case free >= 0:
 		at = free
 	default: // full: drop one
 		at = int(mrand.Uint32N(genWays))
 	}
-	if !owned && len(name) > shortName {
-		name = strings.Clone(name)
+	if len(name) > shortName {
+		if r := b[at].rec.Load(); r != nil && r.long == name {
+			name = r.long // the record being refreshed has a copy of its own
+		} else {
+			name = strings.Clone(name)
+		}
 	}
 	b[at].rec.Store(newTrustedGen(name, gen, now+t.ttl, epoch))
 	b[at].h.Store(h)

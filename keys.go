@@ -141,7 +141,7 @@ func (k Key) canonical() string { return k.s[:k.n] }
 func (k Key) redis() string { return k.s[k.n:] }
 
 // escapedHead returns a valid key's "<escaped entity>:<escaped id>", as its entity's Redis keys
-// hold it (l2.appendEntityKey), or "" for an invalid key.
+// hold it (l2.entityKey), or "" for an invalid key.
 func (k Key) escapedHead() string {
 	if !k.Valid() {
 		return ""
@@ -210,11 +210,12 @@ func (k Key) GoString() string { return "imgcache.Key(" + k.String() + ")" }
 
 // entityPrefix returns "<escaped entity>:<escaped id>:", the part of the Redis key (after the
 // namespace) that every variant of one entity's id shares.
-func entityPrefix(entity, id string) string {
-	b := appendEscaped(nil, entity)
-	b = append(b, ':')
-	b = appendEscaped(b, id)
-	return string(append(b, ':'))
+func entityPrefix(entity, id string) string { return escapedHead(entity, id) + ":" }
+
+// escapedHead returns "<escaped entity>:<escaped id>", what Key.escapedHead holds for a key of
+// this entity and id.
+func escapedHead(entity, id string) string {
+	return string(appendEscaped(append(appendEscaped(nil, entity), ':'), id))
 }
 
 var errZeroKey = errors.New("imgcache: invalid key: zero Key (use NewKey)")

@@ -198,32 +198,23 @@ func (l *l2) debug(ctx context.Context, op, rkey, result string) {
 // A script touches one meta hash, and for an entity its generation key, which shares the hash's
 // slot; so every script works on a Redis Cluster. Each key carries a TTL: a meta hash outlives the
 // longest-lived value registered in it by metaTTL's margin.
-func (l *l2) entityMeta(entity, id string) string { return l.entityKey("%e:", entity, id) }
-func (l *l2) entityGen(entity, id string) string  { return l.entityKey("%g:", entity, id) }
-
-// entityKey returns an entity's bookkeeping key of this kind ("%e:", "%g:"), in one allocation.
-func (l *l2) entityKey(kind, entity, id string) string {
-	var buf [256]byte
-	return string(l.appendEntityKey(buf[:0], kind, entity, id))
-}
+func (l *l2) entityMeta(entity, id string) string { return l.entityKey("%e:", escapedHead(entity, id)) }
+func (l *l2) entityGen(entity, id string) string  { return l.entityKey("%g:", escapedHead(entity, id)) }
 
 // entityMetaOf and entityGenOf are entityMeta and entityGen of a valid k's entity, from the
 // escaped parts that k holds.
-func (l *l2) entityMetaOf(k Key) string { return l.prefix + "%e:{" + k.escapedHead() + "}" }
-func (l *l2) entityGenOf(k Key) string  { return l.prefix + "%g:{" + k.escapedHead() + "}" }
+func (l *l2) entityMetaOf(k Key) string { return l.entityKey("%e:", k.escapedHead()) }
+func (l *l2) entityGenOf(k Key) string  { return l.entityKey("%g:", k.escapedHead()) }
 
-// appendEntityGen appends entityGen(k.Entity(), k.ID()) to b, for a valid k.
+// entityKey returns "<ns>:<kind>{<head>}", an entity's bookkeeping key of this kind ("%e:",
+// "%g:"), head being its escaped "<entity>:<id>". The braces make a Redis Cluster hash tag
+// (escaping leaves none in entity or id): an entity's keys share one slot.
+func (l *l2) entityKey(kind, head string) string { return l.prefix + kind + "{" + head + "}" }
+
+// appendEntityGen appends entityGenOf(k) to b, for a valid k: a read builds its keys in one buffer.
 func (l *l2) appendEntityGen(b []byte, k Key) []byte {
-	b = append(append(append(b, l.prefix...), "%g:"...), '{')
-	return append(append(b, k.escapedHead()...), '}')
-}
-
-// appendEntityKey appends "<ns>:<kind>{<entity>:<id>}", escaped, to b. The braces make a Redis
-// Cluster hash tag (escaping leaves none in entity or id): an entity's keys share one slot.
-func (l *l2) appendEntityKey(b []byte, kind, entity, id string) []byte {
-	b = append(append(append(b, l.prefix...), kind...), '{')
-	b = append(appendEscaped(b, entity), ':')
-	return append(appendEscaped(b, id), '}')
+	b = append(append(append(b, l.prefix...), "%g:{"...), k.escapedHead()...)
+	return append(b, '}')
 }
 
 // tagMeta returns a tag's meta hash key, in one allocation.

@@ -94,27 +94,23 @@ func (c *Cache[V]) readChecked(ctx context.Context, k Key, seq uint64) (rkey str
 	}
 }
 
-// trustedGen returns the generation of name (an entity's head or a tag) that this instance
-// trusts, if any: only while it is subscribed to the bus, which is what keeps the trust coherent.
-func (c *Cache[V]) trustedGen(name string) (uint64, bool) {
-	if c.gens == nil {
-		return 0, false
-	}
-	return c.trustedGenHashed(name, xxhash.Sum64String(name))
-}
+// trusts reports whether this instance trusts generations it has read: it keeps them (gens.go),
+// and only while it is subscribed to the bus, which is what keeps the trust coherent.
+func (c *Cache[V]) trusts() bool { return c.gens != nil && c.subscribed.Load() }
 
-// trustedGenHashed is trustedGen given name's xxhash.
-func (c *Cache[V]) trustedGenHashed(name string, h uint64) (uint64, bool) {
-	if c.gens == nil || !c.subscribed.Load() {
+// trustedGen returns the generation of name (an entity's head or a tag) that this instance
+// trusts, if any.
+func (c *Cache[V]) trustedGen(name string) (uint64, bool) {
+	if !c.trusts() {
 		return 0, false
 	}
-	return c.gens.get(name, h)
+	return c.gens.get(name, xxhash.Sum64String(name))
 }
 
 // trustGen trusts g, read from Redis as name's generation when name's invalidation sequence
 // (invalidations.ofName) was seq, unless an invalidation has run since.
 func (c *Cache[V]) trustGen(name string, g, seq uint64) {
-	if c.gens != nil && c.subscribed.Load() {
+	if c.trusts() {
 		c.gens.putIf(name, g, seq, &c.inv)
 	}
 }
