@@ -23,14 +23,26 @@ type roundTrips struct {
 
 func (r *roundTrips) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (r *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return beforeCall(r.record).ProcessHook(next)
+}
+func (r *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return beforeCall(r.record).ProcessPipelineHook(next)
+}
+
+// beforeCall is a client hook that runs before each call to Redis with its commands: one
+// command's, or one pipeline's.
+type beforeCall func(cmds []redis.Cmder)
+
+func (beforeCall) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (f beforeCall) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		r.record([]redis.Cmder{cmd})
+		f([]redis.Cmder{cmd})
 		return next(ctx, cmd)
 	}
 }
-func (r *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+func (f beforeCall) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		r.record(cmds)
+		f(cmds)
 		return next(ctx, cmds)
 	}
 }

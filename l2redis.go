@@ -22,6 +22,7 @@ type l2 struct {
 	timeout time.Duration
 	log     *slog.Logger // nil when debug logging is off
 	brk     *breaker     // nil when disabled
+	reads   readBatcher  // l2batch.go
 }
 
 // call runs one Redis round trip under the breaker and the L2Timeout budget. redis.Nil (an absent
@@ -110,15 +111,6 @@ func (l *l2) readKeys(k Key) (rkey, genKey string) {
 	n := len(b)
 	s := string(l.appendEntityGen(b, k))
 	return s[:n], s[n:]
-}
-
-// get reads one value: redis.Nil when it is absent.
-func (l *l2) get(ctx context.Context, rkey string) (data []byte, err error) {
-	err = l.call(ctx, func(ctx context.Context) error {
-		data, err = l.rdb.Get(ctx, rkey).Bytes()
-		return err
-	})
-	return data, err
 }
 
 // set writes val with its TTL in the same command (SET key val PX ms): there is no moment at which the

@@ -73,7 +73,7 @@ func (c *Cache[V]) readChecked(ctx context.Context, k Key, seq uint64) (rkey str
 		gok := trusted
 		if trusted {
 			rkey = c.l2.key(k)
-			data, err = c.l2.get(ctx, rkey)
+			data, err = c.readValue(ctx, rkey)
 		} else {
 			var genKey string
 			rkey, genKey = c.l2.readKeys(k)
@@ -115,49 +115,34 @@ func (c *Cache[V]) trustGen(name string, g, seq uint64) {
 	}
 }
 
-// readWithGen reads a value and its entity's current generation in one round trip: one MGET on a
-// single Redis, a pipeline of two GETs on a Cluster (the keys are in different slots). It returns
-// redis.Nil when the value is absent, and the generation either way; gok is false when the
+// readWithGen reads a value and its entity's current generation in one round trip (l2.read). It
+// returns redis.Nil when the value is absent, and the generation either way; gok is false when the
 // generation is missing or malformed.
 func (c *Cache[V]) readWithGen(ctx context.Context, rkey, genKey string) (data []byte, g uint64, gok bool, err error) {
-	var vals [2]any
-	if single, ok := c.l2.rdb.(*redis.Client); ok {
-		err = c.l2.call(ctx, func(ctx context.Context) error {
-			res, err := single.MGet(ctx, rkey, genKey).Result()
-			if err == nil && len(res) == 2 {
-				vals[0], vals[1] = res[0], res[1]
-			}
-			return err
-		})
-	} else {
-		var a, b *redis.StringCmd
-		err = c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
-			a, b = p.Get(ctx, rkey), p.Get(ctx, genKey)
-		})
-		if err == nil {
-			if s, e := a.Result(); e == nil {
-				vals[0] = s
-			}
-			if s, e := b.Result(); e == nil {
-				vals[1] = s
-			}
-		}
-	}
+	r, err := c.l2.read(ctx, rkey, genKey)
 	if err != nil {
 		return nil, 0, false, err
 	}
-	if gs, ok := vals[1].(string); ok {
+	if r.ok[1] {
 		// A malformed generation (invalidateScript once wrote one in exponent form) reads as a
 		// missing one: the value is invalid, and the miss's registration rewrites it.
 		var perr error
-		g, perr = strconv.ParseUint(gs, 10, 64)
+		g, perr = strconv.ParseUint(r.val[1], 10, 64)
 		gok = perr == nil
 	}
-	s, ok := vals[0].(string)
-	if !ok {
+	if !r.ok[0] {
 		return nil, g, gok, redis.Nil
 	}
-	return stringBytes(s), g, gok, nil
+	return stringBytes(r.val[0]), g, gok, nil
+}
+
+// readValue reads a value alone (l2.read): redis.Nil when it is absent.
+func (c *Cache[V]) readValue(ctx context.Context, rkey string) ([]byte, error) {
+	r, err := c.l2.read(ctx, rkey, "")
+	if err == nil && !r.ok[0] {
+		err = redis.Nil
+	}
+	return stringBytes(r.val[0]), err
 }
 
 var (

@@ -24,6 +24,7 @@ type Stats struct {
 	// Levels.
 	L2Errors     uint64 // failed Redis calls, unreadable values included
 	L2Unreadable uint64 // values in Redis that did not decode: another codec, version or corruption
+	L2Batched    uint64 // Redis reads that shared one round trip with other concurrent reads (read batching)
 	EncodeErrors uint64 // loaded values not cached because the codec failed or MaxValueSize was exceeded
 	L1Evictions  uint64 // entries L1 dropped to make room (not expiries or deletions)
 	L1Entries    uint64 // entries in L1 now, expired ones not yet removed included
@@ -102,6 +103,9 @@ func (c *Cache[V]) Stats() Stats {
 		s.BreakerTrips = c.l2.brk.trips.Load()
 		s.L2Skipped = c.l2.brk.skipped.Load()
 	}
+	if c.l2 != nil {
+		s.L2Batched = c.l2.reads.batched.Load()
+	}
 	if c.guard != nil {
 		s.HitRateGuardOpen = c.guard.open()
 		s.HitRateGuardTrips = c.guard.trips.Load()
@@ -122,7 +126,7 @@ func (c *Cache[V]) Stats() Stats {
 // It exports imgcache_hits_total{level="l1"|"l2"}, imgcache_misses_total, imgcache_loads_total,
 // imgcache_load_errors_total, imgcache_l2_errors_total, imgcache_l1_evictions_total,
 // imgcache_negative_hits_total, imgcache_coalesced_total, imgcache_l2_unreadable_total,
-// imgcache_encode_errors_total, imgcache_l2_stale_total, imgcache_loads_superseded_total,
+// imgcache_encode_errors_total, imgcache_l2_batched_reads_total, imgcache_l2_stale_total, imgcache_loads_superseded_total,
 // imgcache_l1_flushes_total, imgcache_bus_messages_total{direction="sent"|"received"},
 // imgcache_bus_resubscribes_total, imgcache_bus_errors_total, imgcache_l2_breaker_trips_total,
 // imgcache_l2_skipped_total, imgcache_hit_rate_guard_trips_total, imgcache_stale_served_total,
@@ -145,6 +149,7 @@ func NewCollector(name string, src interface{ Stats() Stats }) prometheus.Collec
 		coalesced:    d("coalesced_total", "GetOrLoad calls that joined a load already in flight."),
 		l2Unreadable: d("l2_unreadable_total", "Redis values that did not decode (codec, version or corruption)."),
 		encodeErrors: d("encode_errors_total", "Loaded values not cached because they could not be encoded."),
+		l2Batched:    d("l2_batched_reads_total", "Redis reads that shared one round trip with other concurrent reads."),
 		l1Entries:    d("l1_entries", "Entries in the in-process level."),
 		l2Stale:      d("l2_stale_total", "Redis values found invalidated by their entity's or a tag's generation."),
 		superseded:   d("loads_superseded_total", "Loads whose Redis write was taken back because an invalidation ran meanwhile."),
@@ -169,6 +174,7 @@ type collector struct {
 
 	hits, misses, loads, loadErrors, l2Errors, l1Evictions      *prometheus.Desc
 	negativeHits, coalesced, l2Unreadable, encodeErrors         *prometheus.Desc
+	l2Batched                                                   *prometheus.Desc
 	l1Entries, l2Stale, superseded, l1Flushes                   *prometheus.Desc
 	bus, busResubs, busErrors                                   *prometheus.Desc
 	breakerOpen, breakerTrips, l2Skipped, guardOpen, guardTrips *prometheus.Desc
@@ -177,7 +183,7 @@ type collector struct {
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.hits, c.misses, c.loads, c.loadErrors, c.l2Errors, c.l1Evictions,
-		c.negativeHits, c.coalesced, c.l2Unreadable, c.encodeErrors, c.l1Entries,
+		c.negativeHits, c.coalesced, c.l2Unreadable, c.encodeErrors, c.l2Batched, c.l1Entries,
 		c.l2Stale, c.superseded, c.l1Flushes, c.bus, c.busResubs, c.busErrors,
 		c.breakerOpen, c.breakerTrips, c.l2Skipped, c.guardOpen, c.guardTrips,
 		c.staleServed, c.refreshes, c.lockWaits, c.loadTimeouts} {
@@ -201,6 +207,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.coalesced, s.Coalesced)
 	counter(c.l2Unreadable, s.L2Unreadable)
 	counter(c.encodeErrors, s.EncodeErrors)
+	counter(c.l2Batched, s.L2Batched)
 	counter(c.l2Stale, s.L2Stale)
 	counter(c.superseded, s.LoadsSuperseded)
 	counter(c.l1Flushes, s.L1Flushes)

@@ -18,7 +18,7 @@ func TestCollectorExportsEveryCounter(t *testing.T) {
 		LoadErrors: 7, L2Errors: 8, L2Unreadable: 9, EncodeErrors: 10, L1Evictions: 11, L1Entries: 12,
 		L2Stale: 13, LoadsSuperseded: 14, L1Flushes: 15, BusSent: 16, BusReceived: 17, BusResubscribes: 18, BusErrors: 19,
 		L2BreakerOpen: true, BreakerTrips: 20, L2Skipped: 21, HitRateGuardOpen: false, HitRateGuardTrips: 22,
-		StaleServed: 23, Refreshes: 24, LockWaits: 25, LoadTimeouts: 26}
+		StaleServed: 23, Refreshes: 24, LockWaits: 25, LoadTimeouts: 26, L2Batched: 27}
 	want := `
 # HELP imgcache_bus_errors_total Invalidation bus messages that could not be decoded.
 # TYPE imgcache_bus_errors_total counter
@@ -55,6 +55,9 @@ imgcache_l1_flushes_total{cache="img"} 15
 # HELP imgcache_l1_evictions_total Entries the in-process level dropped to make room.
 # TYPE imgcache_l1_evictions_total counter
 imgcache_l1_evictions_total{cache="img"} 11
+# HELP imgcache_l2_batched_reads_total Redis reads that shared one round trip with other concurrent reads.
+# TYPE imgcache_l2_batched_reads_total counter
+imgcache_l2_batched_reads_total{cache="img"} 27
 # HELP imgcache_l2_breaker_open 1 while the Redis circuit breaker is open.
 # TYPE imgcache_l2_breaker_open gauge
 imgcache_l2_breaker_open{cache="img"} 1
