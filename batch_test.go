@@ -23,26 +23,28 @@ type roundTrips struct {
 
 func (r *roundTrips) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (r *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return beforeCall(r.record).ProcessHook(next)
+	return beforeCall(r.recordCall).ProcessHook(next)
 }
 func (r *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return beforeCall(r.record).ProcessPipelineHook(next)
+	return beforeCall(r.recordCall).ProcessPipelineHook(next)
 }
 
-// beforeCall is a client hook that runs before each call to Redis with its commands: one
-// command's, or one pipeline's.
-type beforeCall func(cmds []redis.Cmder)
+func (r *roundTrips) recordCall(_ context.Context, cmds []redis.Cmder) { r.record(cmds) }
+
+// beforeCall is a client hook that runs before each call to Redis with its context and commands:
+// one command's, or one pipeline's.
+type beforeCall func(ctx context.Context, cmds []redis.Cmder)
 
 func (beforeCall) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (f beforeCall) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		f([]redis.Cmder{cmd})
+		f(ctx, []redis.Cmder{cmd})
 		return next(ctx, cmd)
 	}
 }
 func (f beforeCall) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		f(cmds)
+		f(ctx, cmds)
 		return next(ctx, cmds)
 	}
 }

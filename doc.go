@@ -88,10 +88,11 @@
 // load runs in the first caller's goroutine unless its context's deadline is near, and serves every
 // caller: a caller cancelled during it returns when it ends (each Redis call is bounded by
 // Options.L2Timeout).
-// Concurrent reads of Redis share round trips: up to four go to Redis as they come, and the reads
-// that arrive while four are under way wait for one of them to end and then go together, as one
-// MGET (a pipeline of GETs on a Cluster or a Ring). A queued read keeps its own context and its
-// L2Timeout, and is counted in [Stats].L2Batched. It adds no goroutine and no timer.
+// Concurrent reads of a single Redis share round trips: up to four go to Redis as they come, and
+// the reads that arrive while four are under way wait for one of them to end and then go together,
+// as one MGET. A queued read still gives up at its caller's deadline or cancellation, or L2Timeout
+// after it queued; it is counted in [Stats].L2Batched. A Cluster's or a Ring's reads are not
+// batched.
 //
 // [Cache.Close] cancels running loads' contexts, waits for them, stops the bus goroutine and its
 // subscription, and stops the clock goroutine when the last Cache of the process closes; it is

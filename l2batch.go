@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -13,23 +14,31 @@ import (
 //
 // Under load a cache's Redis reads are bound by round trips, not by Redis: each GET costs the
 // client and the server a system call to write and one to read, and the server answers one
-// connection at a time. So reads do not each take a round trip of their own once enough are under
-// way. Up to readsInFlight reads go to Redis as they come, exactly as they would without batching:
-// a serial or lightly concurrent caller sees one GET per read. A read that finds readsInFlight
-// under way queues; when one of those round trips ends, every read queued meanwhile (up to
-// maxReadBatch) goes in one MGET (on a Cluster or a Ring, one pipeline of GETs, which go-redis
-// splits by node), sent by the first of them and answered to each. A queued read waits for nothing
-// but a round trip already under way, so batching adds no timer and no goroutine, and it only ever
-// fills round trips that the reads would otherwise have queued behind in the connection pool.
+// connection at a time. So on a single Redis (a *redis.Client: one node, or Sentinel's failover
+// client) reads do not each take a round trip of their own once enough are under way. Up to
+// readsInFlight reads go to Redis as they come, exactly as they would without batching: a serial or
+// lightly concurrent caller sees one GET per read. A read that finds readsInFlight under way
+// queues, even if the pool has idle connections; when one of those round trips ends, the reads
+// queued meanwhile (up to maxReadBatch) go in one MGET, sent by one of them and answered to each.
+// A queued read waits for a round trip already under way, so batching starts no goroutine: its
+// waits end on the clock ticks that every Redis call's deadline uses (deadline.go).
 //
 // Measured on the 2-core reference machine (README, Performance): 64 goroutines reading 200-byte
-// values through Get spend about a third of the time per read that they do with a GET each.
+// values through Get spend about a quarter of the time per read that they do with a GET each, and
+// 16 goroutines about half.
 //
-// What a queued read keeps: its own context and the L2Timeout budget, counted from when it queued;
-// a read that gives up while its batch is in flight gets its own error and the batch goes on for
-// the others. What it shares: a batch is one Redis call to the breaker (one observation, and one
-// skip when the breaker is open), and a batch that fails fails every read in it, each counted in
-// L2Errors as its caller's read.
+// A Cluster or a Ring is not batched: its reads go to several nodes, and a cap shared by all of
+// them would let one slow node hold up the reads of the healthy ones.
+//
+// Deadlines. A queued read keeps its caller's context and the L2Timeout budget counted from when
+// it queued: it gives up at the earlier of the two, whatever its batch is doing. The batch is sent
+// by the read that would wait longest, under that read's deadline, so that no read waits past its
+// own; a read that gives up while its batch is in flight gets its own error at once, and the batch
+// goes on for the others. The sender itself, like the caller of a lone read, returns when the
+// call ends even if its caller has left (a cancellation does not cut a Redis call short; see
+// deadline.go). A batch is one Redis call to the breaker (one observation, and one skip when the
+// breaker is open); a batch that fails fails every read in it, each counted in L2Errors as its
+// caller's read.
 
 const (
 	// readsInFlight is how many reads go to Redis without waiting for another to end. 4 lets two
@@ -37,7 +46,7 @@ const (
 	// goroutines, and more leaves round trips unfilled at high concurrency.
 	readsInFlight = 4
 	// maxReadBatch bounds the reads sent in one round trip, and so the size of one reply.
-	maxReadBatch = 256
+	maxReadBatch = 64
 )
 
 // readBatcher counts a l2's reads in flight and queues the ones that wait for a batch.
@@ -45,7 +54,7 @@ type readBatcher struct {
 	mu       sync.Mutex
 	inflight int            // round trips of reads under way, batches included
 	queue    []*pendingRead // reads waiting for a round trip to end
-	batched  atomic.Uint64  // reads sent in a batch of more than one (Stats.L2ReadsBatched)
+	batched  atomic.Uint64  // reads sent in a batch of more than one (Stats.L2Batched)
 }
 
 // readReply is what one read found: each key's value, and whether the key exists.
@@ -56,9 +65,10 @@ type readReply struct {
 
 // pendingRead is a queued read.
 type pendingRead struct {
-	ctx  context.Context
-	keys [2]string
-	n    int // keys read: 1 or 2
+	ctx      context.Context
+	keys     [2]string
+	n        int   // keys read: 1 or 2
+	deadline int64 // preciseNow reading: when the read gives up
 
 	// ready is signalled once: when reply and err are set, or when this read must send batch.
 	ready chan struct{}
@@ -70,9 +80,12 @@ type pendingRead struct {
 }
 
 // read reads key, and genKey unless it is "" (an entity's generation, read with the value), in one
-// round trip, batched with other reads when readsInFlight are under way. An absent key is not an
-// error: its ok is false.
+// round trip, batched with other reads on a single Redis when readsInFlight are under way. An
+// absent key is not an error: its ok is false.
 func (l *l2) read(ctx context.Context, key, genKey string) (readReply, error) {
+	if _, single := l.rdb.(*redis.Client); !single {
+		return l.readAlone(ctx, key, genKey)
+	}
 	b := &l.reads
 	b.mu.Lock()
 	if b.inflight < readsInFlight {
@@ -88,6 +101,10 @@ func (l *l2) read(ctx context.Context, key, genKey string) (readReply, error) {
 	p := &pendingRead{ctx: ctx, keys: [2]string{key, genKey}, n: 1, ready: make(chan struct{}, 1)}
 	if genKey != "" {
 		p.n = 2
+	}
+	p.deadline = preciseNow() + int64(l.timeout)
+	if dl, ok := ctx.Deadline(); ok {
+		p.deadline = min(p.deadline, int64(dl.Sub(clockEpoch)))
 	}
 	b.queue = append(b.queue, p)
 	b.mu.Unlock()
@@ -135,14 +152,13 @@ func stringReply(cmd *redis.StringCmd) (string, bool) {
 }
 
 // await waits for a queued read's reply: from the batch it joins, or from the Redis call it sends
-// when it comes first in its batch. It gives up when its caller's context ends or L2Timeout has
-// passed since it queued.
+// when it is chosen to. It gives up at its deadline or when its caller's context ends.
 func (l *l2) await(p *pendingRead) (readReply, error) {
 	var expired <-chan struct{}
-	if t := deadlineTicks.get(preciseNow() + int64(l.timeout)); t != nil {
+	if t := deadlineTicks.get(p.deadline); t != nil {
 		expired = t.done
 	} else { // every Cache is closed: no clock goroutine closes ticks
-		ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
+		ctx, cancel := context.WithDeadline(context.Background(), clockEpoch.Add(time.Duration(p.deadline)))
 		defer cancel()
 		expired = ctx.Done()
 	}
@@ -187,7 +203,7 @@ func (b *readBatcher) leave(p *pendingRead) (mustSend bool) {
 }
 
 // readDone ends a round trip of reads. If reads queued meanwhile, the round trip's place passes to
-// them: they go as one batch, sent by the first.
+// them: they go as one batch.
 func (l *l2) readDone() {
 	l.reads.mu.Lock()
 	lead := l.reads.next()
@@ -197,8 +213,8 @@ func (l *l2) readDone() {
 	}
 }
 
-// next ends a round trip, under mu. It returns nil, or the first read of the batch that takes the
-// round trip's place, which its caller must signal.
+// next ends a round trip, under mu. It returns nil, or the read that sends the batch taking the
+// round trip's place, which its caller must signal: the one whose deadline is the latest.
 func (b *readBatcher) next() *pendingRead {
 	if len(b.queue) == 0 {
 		b.inflight--
@@ -211,19 +227,23 @@ func (b *readBatcher) next() *pendingRead {
 		batch = b.queue[:maxReadBatch:maxReadBatch]
 		b.queue = append([]*pendingRead(nil), b.queue[maxReadBatch:]...)
 	}
+	lead := batch[0]
 	for _, p := range batch {
 		p.taken = true
+		if p.deadline > lead.deadline {
+			lead = p
+		}
 	}
-	batch[0].batch = batch
-	return batch[0]
+	lead.batch = batch
+	return lead
 }
 
 // errBatchAborted answers the reads of a batch whose sender did not finish (a panic in a hook).
 var errBatchAborted = errors.New("imgcache: batched Redis read abandoned by its sender")
 
-// sendBatch sends lead's batch as one Redis call and answers every read in it, lead's included.
-// The call runs under lead's context values without its cancellation: lead leaving must not fail
-// the others.
+// sendBatch sends lead's batch as one MGET and answers every read in it, lead's included. The call
+// runs under lead's context values and its deadline, the latest in the batch, without lead's
+// cancellation: lead leaving must not fail the others.
 func (l *l2) sendBatch(lead *pendingRead) {
 	batch := lead.batch
 	answered := 0
@@ -234,68 +254,38 @@ func (l *l2) sendBatch(lead *pendingRead) {
 		}
 		l.readDone()
 	}()
+	ctx := newCallCtx(context.WithoutCancel(lead.ctx), lead.deadline)
+	if ctx == nil { // every Cache is closed: no clock goroutine would end the call's waits
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(context.WithoutCancel(lead.ctx), clockEpoch.Add(time.Duration(lead.deadline)))
+		defer cancel()
+	}
 	if len(batch) == 1 {
-		lead.reply, lead.err = l.readAlone(lead.ctx, lead.keys[0], lead.keys[1])
+		lead.reply, lead.err = l.readAlone(ctx, lead.keys[0], lead.keys[1])
 		answered = 1 // lead's ready already carried its turn to send
 		return
 	}
 	l.reads.batched.Add(uint64(len(batch)))
-	keys := 0
+	args := make([]string, 0, 2*len(batch))
 	for _, p := range batch {
-		keys += p.n
+		args = append(args, p.keys[:p.n]...)
 	}
-	ctx := context.WithoutCancel(lead.ctx)
-	if single, ok := l.rdb.(*redis.Client); ok {
-		args := make([]string, 0, keys)
-		for _, p := range batch {
-			args = append(args, p.keys[:p.n]...)
-		}
-		var res []any
-		err := l.call(ctx, func(ctx context.Context) (err error) {
-			res, err = single.MGet(ctx, args...).Result()
-			return err
-		})
-		if err == nil && len(res) != keys {
-			err = errors.New("imgcache: MGET answered a different number of keys")
-		}
-		i := 0
-		for _, p := range batch {
-			if p.err = err; err == nil {
-				for j := range p.n {
-					p.reply.val[j], p.reply.ok[j] = res[i+j].(string)
-				}
+	var res []any
+	err := l.call(ctx, func(ctx context.Context) (err error) {
+		res, err = l.rdb.(*redis.Client).MGet(ctx, args...).Result()
+		return err
+	})
+	if err == nil && len(res) != len(args) {
+		err = errors.New("imgcache: MGET answered a different number of keys")
+	}
+	i := 0
+	for _, p := range batch {
+		if p.err = err; err == nil {
+			for j := range p.n {
+				p.reply.val[j], p.reply.ok[j] = res[i+j].(string)
 			}
-			i += p.n
 		}
-	} else {
-		cmds := make([]*redis.StringCmd, 0, keys)
-		err := l.call(ctx, func(ctx context.Context) error {
-			_, err := l.rdb.Pipelined(ctx, func(pl redis.Pipeliner) error {
-				for _, p := range batch {
-					for _, k := range p.keys[:p.n] {
-						cmds = append(cmds, pl.Get(ctx, k))
-					}
-				}
-				return nil
-			})
-			return pipelineErr(err)
-		})
-		i := 0
-		for _, p := range batch {
-			p.err = err
-			for j := 0; j < p.n && err == nil; j++ {
-				s, cerr := cmds[i+j].Result()
-				switch {
-				case cerr == nil:
-					p.reply.val[j], p.reply.ok[j] = s, true
-				case !errors.Is(cerr, redis.Nil):
-					// The pipeline's error is its first command's, which may be an absent key's
-					// even when a later command failed.
-					p.err = cerr
-				}
-			}
-			i += p.n
-		}
+		i += p.n
 	}
 	for _, p := range batch {
 		answered++

@@ -5,21 +5,25 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/redis/go-redis/v9"
 )
 
-// readGate (a beforeCall hook: hold) holds Redis reads of a test's keys (a GET, an MGET, or a pipeline of GETs) until
-// released, and records the keys of every read it lets through. Reads of one or two keys (one
-// Get's value and generation) wait on solo; larger ones (a batch) on batch.
+// readGate (a beforeCall hook: hold) holds Redis reads of a test's keys until released, and
+// records the keys of every read it lets through. A lone read (a GET, or an MGET or a pipeline of
+// a value and its generation) waits on solo, ignoring its deadline, so that it stays in flight; a
+// batch (an MGET of anything else) waits on batch or until its context ends.
 type readGate struct {
 	watch map[string]bool // the Redis keys whose reads are held
 	solo  chan struct{}
 	batch chan struct{}
-	panic bool // a batch panics instead of waiting
+	panic bool        // a batch panics instead of waiting
+	pass  atomic.Bool // let everything through, unrecorded
 
 	mu   sync.Mutex
 	held int        // reads waiting now
@@ -34,7 +38,10 @@ func newReadGate(keys ...string) *readGate {
 	return g
 }
 
-func (g *readGate) hold(cmds []redis.Cmder) {
+func (g *readGate) hold(ctx context.Context, cmds []redis.Cmder) {
+	if g.pass.Load() {
+		return
+	}
 	var keys []string
 	for _, c := range cmds {
 		if name := c.Name(); name != "get" && name != "mget" {
@@ -47,21 +54,29 @@ func (g *readGate) hold(cmds []redis.Cmder) {
 	if !slices.ContainsFunc(keys, func(k string) bool { return g.watch[k] }) {
 		return
 	}
-	wait := g.solo
-	if len(keys) > 2 {
-		if g.panic {
-			panic("hook panics on a batch")
-		}
-		wait = g.batch
-	}
 	g.mu.Lock()
 	g.held++
 	g.mu.Unlock()
-	<-wait
+	if isBatch(cmds, keys) {
+		if g.panic {
+			panic("hook panics on a batch")
+		}
+		select {
+		case <-g.batch:
+		case <-ctx.Done():
+		}
+	} else {
+		<-g.solo
+	}
 	g.mu.Lock()
 	g.held--
 	g.sent = append(g.sent, keys)
 	g.mu.Unlock()
+}
+
+// isBatch tells a batch from a lone read's GET, or MGET of a value and its generation.
+func isBatch(cmds []redis.Cmder, keys []string) bool {
+	return len(cmds) == 1 && cmds[0].Name() == "mget" && (len(keys) != 2 || !strings.Contains(keys[1], ":%g:"))
 }
 
 func (g *readGate) waitHeld(t *testing.T, n int) {
@@ -104,23 +119,11 @@ func batchFixture(t *testing.T, e *testEnv, client redis.UniversalClient, n int)
 }
 
 // With readsInFlight reads under way, the reads that come meanwhile wait for one of them to end
-// and then go together in one round trip; each still gets its own value.
+// and then go together in one MGET; each still gets its own value.
 func TestConcurrentReadsShareARoundTrip(t *testing.T) {
-	t.Run("node", func(t *testing.T) {
-		e := newEnv(t) // the Cluster in the cluster run: a pipeline split by node
-		testReadsShareARoundTrip(t, e, e.rdb)
-	})
-	t.Run("ring", func(t *testing.T) {
-		e := newNodeEnv(t)
-		ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": e.node().Options().Addr}, ContextTimeoutEnabled: true})
-		t.Cleanup(func() { _ = ring.Close() })
-		testReadsShareARoundTrip(t, e, ring)
-	})
-}
-
-func testReadsShareARoundTrip(t *testing.T, e *testEnv, client redis.UniversalClient) {
 	const queued = 20
-	c, keys, g := batchFixture(t, e, client, readsInFlight+queued)
+	e := newNodeEnv(t)
+	c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+queued)
 	got := make([]ImageMeta, len(keys))
 	errs := make([]error, len(keys))
 	var wg sync.WaitGroup
@@ -163,6 +166,92 @@ func testReadsShareARoundTrip(t *testing.T, e *testEnv, client redis.UniversalCl
 	}
 	if n := c.l2.reads.inflight; n != 0 {
 		t.Errorf("%d reads still counted in flight", n)
+	}
+}
+
+// A batch of reads of one key and reads of a value with its generation answers each read what a
+// read of its own would.
+func TestBatchOfMixedReadsAnswersEachItsOwn(t *testing.T) {
+	e := newNodeEnv(t)
+	const queued = 9
+	c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+queued)
+	type read struct{ key, genKey string }
+	reads := make([]read, queued)
+	want := make([]readReply, queued)
+	g.pass.Store(true)
+	for i := range reads {
+		k := keys[readsInFlight+i]
+		reads[i].key = e.redisKey(k)
+		switch i % 3 {
+		case 1:
+			reads[i].genKey = c.l2.entityGenOf(k)
+		case 2:
+			reads[i].key += "-absent"
+		}
+		var err error
+		if want[i], err = c.l2.readAlone(ctx, reads[i].key, reads[i].genKey); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !want[0].ok[0] || !want[1].ok[1] || want[2].ok[0] {
+		t.Fatalf("fixture: replies %+v, want a value, a generation and an absent key", want[:3])
+	}
+	g.pass.Store(false)
+
+	var solo, wg sync.WaitGroup
+	for i := range readsInFlight {
+		solo.Go(func() { _, _ = c.l2.read(ctx, e.redisKey(keys[i]), "") })
+	}
+	g.waitHeld(t, readsInFlight)
+	got := make([]readReply, queued)
+	errs := make([]error, queued)
+	for i, r := range reads {
+		wg.Go(func() { got[i], errs[i] = c.l2.read(ctx, r.key, r.genKey) })
+		waitQueued(t, c.l2, i+1)
+	}
+	close(g.solo)
+	close(g.batch)
+	solo.Wait()
+	wg.Wait()
+	for i := range reads {
+		if errs[i] != nil || got[i] != want[i] {
+			t.Errorf("read %d %+v = %+v, %v; want %+v", i, reads[i], got[i], errs[i], want[i])
+		}
+	}
+	if s := c.Stats(); s.L2Batched != queued {
+		t.Errorf("L2Batched = %d, want %d", s.L2Batched, queued)
+	}
+}
+
+// A Cluster's or a Ring's reads go to several nodes: each goes alone, none waits for another.
+func TestClusterAndRingReadsAreNotBatched(t *testing.T) {
+	var client redis.UniversalClient
+	e := newEnv(t)
+	if _, single := e.rdb.(*redis.Client); single {
+		ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": e.node().Options().Addr}, ContextTimeoutEnabled: true})
+		t.Cleanup(func() { _ = ring.Close() })
+		client = ring
+	} else {
+		client = e.rdb // the Cluster, in the cluster run
+	}
+	n := readsInFlight + 6
+	c, keys, g := batchFixture(t, e, client, n)
+	got := make([]ImageMeta, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range keys {
+		wg.Go(func() { got[i], errs[i] = c.Get(ctx, keys[i]) })
+	}
+	g.waitHeld(t, n) // every read is in flight at once
+	close(g.solo)
+	wg.Wait()
+	for i := range keys {
+		if want := sampleMeta(fmt.Sprint(i)); errs[i] != nil || got[i] != want {
+			t.Errorf("Get(%v) = %+v, %v; want %+v", keys[i], got[i], errs[i], want)
+		}
+	}
+	if s := c.Stats(); s.L2Batched != 0 {
+		t.Errorf("L2Batched = %d on a %T, want 0", s.L2Batched, client)
 	}
 }
 
@@ -237,18 +326,31 @@ func startQueuedReads(t *testing.T, c *Cache[ImageMeta], e *testEnv, g *readGate
 	return solo, results
 }
 
+// within returns what res carries, or fails the test if nothing comes within d.
+func within(t *testing.T, res <-chan error, d time.Duration, what string) error {
+	t.Helper()
+	select {
+	case err := <-res:
+		return err
+	case <-time.After(d):
+		t.Fatalf("%s: no answer within %v", what, d)
+		return nil
+	}
+}
+
 // A read that leaves while its batch is in flight gets its own error at once; the batch goes on
 // and answers the others.
 func TestBatchMemberLeavesTheBatchGoesOn(t *testing.T) {
 	e := newNodeEnv(t)
 	c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+3)
+	c.l2.timeout = time.Minute
 	leaving, leave := context.WithCancel(ctx)
 	solo, res := startQueuedReads(t, c, e, g, keys, ctx, leaving, ctx)
 	close(g.solo)
 	solo.Wait()
-	g.waitHeld(t, 1) // the batch of the three, sent by the first
+	g.waitHeld(t, 1) // the batch of the three
 	leave()
-	if err := <-res[1]; !errors.Is(err, context.Canceled) {
+	if err := within(t, res[1], 5*time.Second, "the read that left"); !errors.Is(err, context.Canceled) {
 		t.Errorf("the read that left: err = %v, want context.Canceled", err)
 	}
 	close(g.batch)
@@ -265,15 +367,52 @@ func TestBatchMemberLeavesTheBatchGoesOn(t *testing.T) {
 	}
 }
 
+// The read with the latest deadline sends the batch, under that deadline: the others leave at
+// theirs while it is in flight, and no read waits past its own, the sender included.
+func TestBatchHonoursEveryReadsDeadline(t *testing.T) {
+	e := newNodeEnv(t)
+	c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+3)
+	c.l2.timeout = time.Minute
+	short, cancel := context.WithTimeout(ctx, 30*time.Millisecond)
+	defer cancel()
+	solo, res := startQueuedReads(t, c, e, g, keys, short, ctx, short)
+	close(g.solo)
+	solo.Wait()
+	for _, i := range []int{0, 2} {
+		if err := within(t, res[i], 5*time.Second, "a read with a 30 ms deadline"); !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("queued read %d with a 30 ms deadline: err = %v, want context.DeadlineExceeded", i, err)
+		}
+	}
+	close(g.batch)
+	if err := within(t, res[1], 5*time.Second, "the sender"); err != nil {
+		t.Errorf("the read without a deadline, which sends: %v", err)
+	}
+
+	// Every read's deadline is short: the sender gives up with the others, not after L2Timeout.
+	c2, keys2, g2 := batchFixture(t, e, e.rdb, readsInFlight+2)
+	c2.l2.timeout = time.Minute
+	short2, cancel2 := context.WithTimeout(ctx, 30*time.Millisecond)
+	defer cancel2()
+	solo, res = startQueuedReads(t, c2, e, g2, keys2, short2, short2)
+	close(g2.solo)
+	solo.Wait()
+	for i := range res {
+		if err := within(t, res[i], 5*time.Second, "a read with a 30 ms deadline"); err == nil {
+			t.Errorf("queued read %d: no error, want its deadline's", i)
+		}
+	}
+	close(g2.batch)
+}
+
 // A read chosen to send its batch sends it even if its own caller has left meanwhile: the others
 // depend on it.
 func TestBatchSenderWhoseCallerLeftStillSends(t *testing.T) {
 	e := newNodeEnv(t)
 	c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+2)
 	leaving, leave := context.WithCancel(ctx)
-	solo, res := startQueuedReads(t, c, e, g, keys, leaving, ctx)
-	// Hand the batch to the first queued read while its context ends: it gives up, finds itself
-	// chosen, and sends. (Should its wait see the hand-off first, it sends and returns its value.)
+	solo, res := startQueuedReads(t, c, e, g, keys, ctx, leaving) // the later deadline sends
+	// Hand the batch to the sender while its context ends: it gives up, finds itself chosen, and
+	// sends. (Should its wait see the hand-off first, it sends and returns its value.)
 	b := &c.l2.reads
 	b.mu.Lock()
 	leave()
@@ -281,14 +420,17 @@ func TestBatchSenderWhoseCallerLeftStillSends(t *testing.T) {
 	b.inflight++                      // the place a round trip ending passes on
 	lead := b.next()
 	b.mu.Unlock()
+	if lead.ctx != leaving {
+		t.Fatal("the batch is not sent by the read with the latest deadline")
+	}
 	lead.ready <- struct{}{}
 	close(g.solo)
 	close(g.batch)
 	solo.Wait()
-	if err := <-res[0]; err != nil && !errors.Is(err, context.Canceled) {
+	if err := <-res[1]; err != nil && !errors.Is(err, context.Canceled) {
 		t.Errorf("the sender whose caller left: err = %v, want context.Canceled", err)
 	}
-	if err := <-res[1]; err != nil {
+	if err := <-res[0]; err != nil {
 		t.Errorf("the other read: %v", err)
 	}
 	if n := c.l2.reads.inflight; n != 0 {
@@ -306,11 +448,12 @@ func TestBatchSenderPanicAnswersTheOthers(t *testing.T) {
 	solo, res := startQueuedReads(t, c, e, g, keys, ctx, ctx, ctx)
 	close(g.solo)
 	solo.Wait()
-	if err := <-res[0]; err == nil || errors.Is(err, errBatchAborted) {
+	// The last queued read has the latest deadline: it sends, and panics.
+	if err := within(t, res[2], 5*time.Second, "the sender"); err == nil || !strings.HasPrefix(err.Error(), "panic:") {
 		t.Errorf("the sender: err = %v, want its panic", err)
 	}
-	for _, i := range []int{1, 2} {
-		if err := <-res[i]; !errors.Is(err, errBatchAborted) {
+	for _, i := range []int{0, 1} {
+		if err := within(t, res[i], 5*time.Second, "a read of the batch"); !errors.Is(err, errBatchAborted) {
 			t.Errorf("queued read %d: err = %v, want errBatchAborted", i, err)
 		}
 	}

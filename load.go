@@ -36,7 +36,9 @@ func (c *Cache[V]) readL2(ctx context.Context, k Key) (e *l1entry[V], ok, failed
 		return nil, false, false
 	case !got:
 		c.l2.debug(ctx, "GET", rkey, "ERROR")
-		c.countL2Error(err)
+		if cerr := ctx.Err(); cerr == nil || !errors.Is(err, cerr) {
+			c.countL2Error(err) // not the caller leaving (a queued read, l2batch.go)
+		}
 		return nil, false, true
 	}
 	c.guard.record(ctx, fresh)
