@@ -135,14 +135,33 @@ func (l *l2) readAlone(ctx context.Context, key, genKey string) (r readReply, er
 		return r, err
 	}
 	var a, g *redis.StringCmd
-	err = l.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
-		a, g = p.Get(ctx, key), p.Get(ctx, genKey)
+	err = l.call(ctx, func(ctx context.Context) error {
+		_, err := l.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			a, g = p.Get(ctx, key), p.Get(ctx, genKey)
+			return nil
+		})
+		return firstFailure(err, a, g)
 	})
 	if err == nil {
 		r.val[0], r.ok[0] = stringReply(a)
 		r.val[1], r.ok[1] = stringReply(g)
 	}
 	return r, err
+}
+
+// firstFailure returns the error of a pipeline of GETs: the first command's that is not an absent
+// key's, else the pipeline's own. go-redis returns the first command's error, which may be an
+// absent key's redis.Nil while a later command, on another node, failed.
+func firstFailure(err error, cmds ...*redis.StringCmd) error {
+	for _, c := range cmds {
+		if c == nil {
+			continue
+		}
+		if cerr := c.Err(); cerr != nil && !errors.Is(cerr, redis.Nil) {
+			return cerr
+		}
+	}
+	return pipelineErr(err)
 }
 
 // stringReply returns a GET's value, ok false when the key is absent.

@@ -461,3 +461,38 @@ func TestBatchSenderPanicAnswersTheOthers(t *testing.T) {
 		t.Errorf("%d reads still counted in flight", n)
 	}
 }
+
+// failGeneration is a client hook that fails the second GET of each two-GET pipeline (a value and
+// its generation) after the fact, and answers the pipeline with the first command's error, as a
+// Cluster does when the first key is absent and the second key's node failed.
+type failGeneration struct{}
+
+func (failGeneration) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (failGeneration) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (failGeneration) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		err := next(ctx, cmds)
+		if len(cmds) == 2 && cmds[1].Name() == "get" {
+			cmds[1].SetErr(errors.New("i/o timeout on the generation's node"))
+			return cmds[0].Err()
+		}
+		return err
+	}
+}
+
+// On a Ring or a Cluster a value and its generation may live on different nodes: a read fails if
+// either node fails, even when the other key is absent and the pipeline's error is that key's
+// redis.Nil, instead of reading the generation as missing.
+func TestReadOfValueAndGenerationFailsWithEitherNode(t *testing.T) {
+	e := newNodeEnv(t)
+	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": e.node().Options().Addr}, ContextTimeoutEnabled: true})
+	t.Cleanup(func() { _ = ring.Close() })
+	ring.AddHook(failGeneration{})
+	o := e.opts()
+	o.Redis, o.L1Size = ring, -1
+	c := newCache[ImageMeta](e, o)
+	key, genKey := c.l2.readKeys(NewKey("artist", "absent"))
+	if r, err := c.l2.read(ctx, key, genKey); err == nil {
+		t.Errorf("read of an absent value whose generation's node failed = %+v, no error", r)
+	}
+}
