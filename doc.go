@@ -91,8 +91,8 @@
 // Concurrent reads of a single Redis share round trips: up to four go to Redis as they come, and
 // the reads that arrive while four are under way wait for one of them to end and then go together,
 // as one MGET. A queued read still gives up at its caller's deadline or cancellation, or L2Timeout
-// after it queued; it is counted in [Stats].L2Batched. A Cluster's or a Ring's reads are not
-// batched.
+// after it queued. Reads sent in a batch of more than one are counted in [Stats].L2Batched. A
+// Cluster's or a Ring's reads are not batched.
 //
 // [Cache.Close] cancels running loads' contexts, waits for them, stops the bus goroutine and its
 // subscription, and stops the clock goroutine when the last Cache of the process closes; it is

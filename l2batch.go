@@ -34,11 +34,12 @@ import (
 // it queued: it gives up at the earlier of the two, whatever its batch is doing. The batch is sent
 // by the read that would wait longest, under that read's deadline, so that no read waits past its
 // own; a read that gives up while its batch is in flight gets its own error at once, and the batch
-// goes on for the others. The sender itself, like the caller of a lone read, returns when the
-// call ends even if its caller has left (a cancellation does not cut a Redis call short; see
-// deadline.go). A batch is one Redis call to the breaker (one observation, and one skip when the
-// breaker is open); a batch that fails fails every read in it, each counted in L2Errors as its
-// caller's read.
+// goes on for the others; such a read made no call of its own, and is not counted in L2Errors
+// (leftQueue). The sender itself, like the caller of a lone read, returns when the call ends even
+// if its caller leaves during it (a cancellation does not cut a Redis call short; see deadline.go);
+// a batch whose every read has given up, or whose deadlines have all passed, is not sent. A batch
+// is one Redis call to the breaker (one observation, and one skip when the breaker is open); a
+// batch that fails fails every read in it, each counted in L2Errors as its caller's read.
 
 const (
 	// readsInFlight is how many reads go to Redis without waiting for another to end. 4 lets two
@@ -74,6 +75,7 @@ type pendingRead struct {
 	ready chan struct{}
 	batch []*pendingRead // set, under readBatcher.mu, for the read that sends its batch
 	taken bool           // under readBatcher.mu: the read is in a batch and no longer queued
+	left  bool           // under readBatcher.mu: the read has given up
 
 	reply readReply
 	err   error
@@ -191,18 +193,27 @@ func (l *l2) await(p *pendingRead) (readReply, error) {
 	}
 	if err != nil {
 		if !l.reads.leave(p) {
-			return readReply{}, err // the batch answers no one for p: ready has room for its signal
+			// The batch answers no one for p: ready has room for its signal.
+			return readReply{}, &leftQueue{err}
 		}
 		<-p.ready // p sends its batch: the others wait for it
 	}
 	if p.batch != nil {
-		l.sendBatch(p)
+		l.sendBatch(p, err != nil)
 	}
 	if err != nil {
-		return readReply{}, err
+		return readReply{}, &leftQueue{err}
 	}
 	return p.reply, p.err
 }
+
+// leftQueue is the error of a read that gave up before a Redis call was made for it, or while a
+// batch it was in was in flight: its caller left or its deadline passed, and Redis is not at fault
+// (it is not counted in Stats.L2Errors).
+type leftQueue struct{ err error }
+
+func (e *leftQueue) Error() string { return e.err.Error() }
+func (e *leftQueue) Unwrap() error { return e.err }
 
 // leave takes a read that gives up out of the queue. It reports whether the read must stay: it
 // has been chosen to send its batch.
@@ -218,6 +229,7 @@ func (b *readBatcher) leave(p *pendingRead) (mustSend bool) {
 		}
 		return false
 	}
+	p.left = true
 	return p.batch != nil
 }
 
@@ -257,22 +269,44 @@ func (b *readBatcher) next() *pendingRead {
 	return lead
 }
 
+// allLeft reports whether every read of batch has given up.
+func (b *readBatcher) allLeft(batch []*pendingRead) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, p := range batch {
+		if !p.left {
+			return false
+		}
+	}
+	return true
+}
+
 // errBatchAborted answers the reads of a batch whose sender did not finish (a panic in a hook).
 var errBatchAborted = errors.New("imgcache: batched Redis read abandoned by its sender")
 
 // sendBatch sends lead's batch as one MGET and answers every read in it, lead's included. The call
 // runs under lead's context values and its deadline, the latest in the batch, without lead's
 // cancellation: lead leaving must not fail the others.
-func (l *l2) sendBatch(lead *pendingRead) {
+func (l *l2) sendBatch(lead *pendingRead, leadLeft bool) {
 	batch := lead.batch
 	answered := 0
+	var abort error = errBatchAborted // for the reads not answered when sendBatch returns
 	defer func() {
 		for _, p := range batch[answered:] {
-			p.err = errBatchAborted
+			p.err = abort
 			p.ready <- struct{}{}
 		}
 		l.readDone()
 	}()
+	// No call for nobody, and none past every deadline in the batch (lead's is the latest).
+	if leadLeft && l.reads.allLeft(batch) {
+		abort = context.Canceled // no one reads it
+		return
+	}
+	if preciseNow() >= lead.deadline {
+		abort = &leftQueue{context.DeadlineExceeded}
+		return
+	}
 	ctx := newCallCtx(context.WithoutCancel(lead.ctx), lead.deadline)
 	if ctx == nil { // every Cache is closed: no clock goroutine would end the call's waits
 		var cancel context.CancelFunc

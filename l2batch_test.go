@@ -404,6 +404,20 @@ func TestBatchHonoursEveryReadsDeadline(t *testing.T) {
 	close(g2.batch)
 }
 
+// handOffWhileLeaving ends a round trip of reads, handing the queue to its sender, while leave
+// ends the sender's context: the sender gives up and finds itself chosen. It returns the sender.
+func handOffWhileLeaving(l *l2, leave context.CancelFunc) *pendingRead {
+	b := &l.reads
+	b.mu.Lock()
+	leave()
+	time.Sleep(20 * time.Millisecond) // the sender now waits for mu in leave
+	b.inflight++                      // the place a round trip ending passes on
+	lead := b.next()
+	b.mu.Unlock()
+	lead.ready <- struct{}{}
+	return lead
+}
+
 // A read chosen to send its batch sends it even if its own caller has left meanwhile: the others
 // depend on it.
 func TestBatchSenderWhoseCallerLeftStillSends(t *testing.T) {
@@ -411,19 +425,10 @@ func TestBatchSenderWhoseCallerLeftStillSends(t *testing.T) {
 	c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+2)
 	leaving, leave := context.WithCancel(ctx)
 	solo, res := startQueuedReads(t, c, e, g, keys, ctx, leaving) // the later deadline sends
-	// Hand the batch to the sender while its context ends: it gives up, finds itself chosen, and
-	// sends. (Should its wait see the hand-off first, it sends and returns its value.)
-	b := &c.l2.reads
-	b.mu.Lock()
-	leave()
-	time.Sleep(20 * time.Millisecond) // it now waits for mu in leave
-	b.inflight++                      // the place a round trip ending passes on
-	lead := b.next()
-	b.mu.Unlock()
-	if lead.ctx != leaving {
+	// (Should its wait see the hand-off first, it sends and returns its value.)
+	if lead := handOffWhileLeaving(c.l2, leave); lead.ctx != leaving {
 		t.Fatal("the batch is not sent by the read with the latest deadline")
 	}
-	lead.ready <- struct{}{}
 	close(g.solo)
 	close(g.batch)
 	solo.Wait()
@@ -494,5 +499,90 @@ func TestReadOfValueAndGenerationFailsWithEitherNode(t *testing.T) {
 	key, genKey := c.l2.readKeys(NewKey("artist", "absent"))
 	if r, err := c.l2.read(ctx, key, genKey); err == nil {
 		t.Errorf("read of an absent value whose generation's node failed = %+v, no error", r)
+	}
+}
+
+// A read whose Redis call fails counts in L2Errors even when the caller's own deadline, shorter
+// than L2Timeout, is what ended it; a read that gave up in the queue, before any call was made for
+// it, does not.
+func TestL2ErrorsCountFailedCallsNotReadsThatLeftTheQueue(t *testing.T) {
+	t.Run("call", func(t *testing.T) {
+		e, p := newProxiedEnv(t)
+		o := e.opts()
+		o.L2Timeout = 500 * time.Millisecond
+		c := newCache[ImageMeta](e, o)
+		p.setBlackhole(true)
+		rctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		defer cancel()
+		_, _ = c.Get(rctx, NewKey("artist", "cold"))
+		if s := c.Stats(); s.L2Errors != 1 {
+			t.Errorf("L2Errors = %d after a read that Redis did not answer, want 1", s.L2Errors)
+		}
+	})
+	t.Run("queue", func(t *testing.T) {
+		e := newNodeEnv(t)
+		c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+1)
+		solo, _ := startQueuedReads(t, c, e, g, keys)
+		rctx, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+		defer cancel()
+		if _, err := c.Get(rctx, keys[readsInFlight]); err == nil {
+			t.Error("a read queued past its deadline returned no error")
+		}
+		close(g.solo)
+		solo.Wait()
+		if s := c.Stats(); s.L2Errors != 0 {
+			t.Errorf("L2Errors = %d after a read that left the queue, want 0", s.L2Errors)
+		}
+	})
+}
+
+// A batch that fails fails each read in it, each counted in L2Errors.
+func TestFailedBatchFailsEachRead(t *testing.T) {
+	e := newMiniEnv(t)
+	const queued = 3
+	c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+queued)
+	errs := make([]error, len(keys))
+	var wg sync.WaitGroup
+	for i := range readsInFlight {
+		wg.Go(func() { _, errs[i] = c.Get(ctx, keys[i]) })
+	}
+	g.waitHeld(t, readsInFlight)
+	for i := readsInFlight; i < len(keys); i++ {
+		wg.Go(func() { _, errs[i] = c.Get(ctx, keys[i]) })
+		waitQueued(t, c.l2, i-readsInFlight+1)
+	}
+	e.mr.SetError("ERR injected")
+	close(g.solo)
+	close(g.batch)
+	wg.Wait()
+	for i, err := range errs {
+		if err == nil {
+			t.Errorf("Get %d: no error from a failing Redis", i)
+		}
+	}
+	if s := c.Stats(); s.L2Errors != uint64(len(keys)) || s.L2Batched != queued {
+		t.Errorf("L2Errors = %d, L2Batched = %d; want %d and %d", s.L2Errors, s.L2Batched, len(keys), queued)
+	}
+}
+
+// A read chosen to send a batch of its own, whose caller has left, makes no Redis call and
+// returns at once.
+func TestBatchForNoOneIsNotSent(t *testing.T) {
+	e := newNodeEnv(t)
+	c, keys, g := batchFixture(t, e, e.rdb, readsInFlight+1)
+	c.l2.timeout = time.Minute
+	leaving, leave := context.WithCancel(ctx)
+	solo, res := startQueuedReads(t, c, e, g, keys, leaving)
+	handOffWhileLeaving(c.l2, leave)
+	if err := within(t, res[0], 5*time.Second, "the read whose caller left"); err == nil {
+		t.Error("the read whose caller left: no error")
+	}
+	close(g.solo)
+	solo.Wait()
+	if rounds := g.rounds(); len(rounds) != readsInFlight {
+		t.Errorf("round trips %q: a read was sent for no one", rounds)
+	}
+	if n := c.l2.reads.inflight; n != 0 {
+		t.Errorf("%d reads still counted in flight", n)
 	}
 }

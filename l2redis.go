@@ -41,10 +41,11 @@ func (l *l2) call(ctx context.Context, f func(ctx context.Context) error) error 
 	deadline := now + int64(l.timeout)
 	var cctx context.Context
 	short := false
+	callerDeadline := maxInt64
 	if dl, ok := ctx.Deadline(); ok {
-		d := int64(dl.Sub(clockEpoch))
-		short = d-now < int64(l.timeout/10)
-		if d <= deadline {
+		callerDeadline = int64(dl.Sub(clockEpoch))
+		short = callerDeadline-now < int64(l.timeout/10)
+		if callerDeadline <= deadline {
 			cctx = ctx // the caller's deadline comes first: it bounds the call alone
 		}
 	}
@@ -57,7 +58,8 @@ func (l *l2) call(ctx context.Context, f func(ctx context.Context) error) error 
 		defer cancel()
 	}
 	err := f(cctx)
-	if cerr := ctx.Err(); errors.Is(cerr, context.Canceled) || (cerr != nil && short) {
+	// A callCtx (a batch's, l2batch.go) reports its deadline a clock tick late: read the clock.
+	if cerr := ctx.Err(); errors.Is(cerr, context.Canceled) || (short && (cerr != nil || preciseNow() >= callerDeadline)) {
 		l.brk.abandon()
 		return err
 	}

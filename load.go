@@ -36,9 +36,7 @@ func (c *Cache[V]) readL2(ctx context.Context, k Key) (e *l1entry[V], ok, failed
 		return nil, false, false
 	case !got:
 		c.l2.debug(ctx, "GET", rkey, "ERROR")
-		if cerr := ctx.Err(); cerr == nil || !errors.Is(err, cerr) {
-			c.countL2Error(err) // not the caller leaving (a queued read, l2batch.go)
-		}
+		c.countL2Error(err)
 		return nil, false, true
 	}
 	c.guard.record(ctx, fresh)
@@ -318,7 +316,8 @@ func (c *Cache[V]) tagGenerations(ctx context.Context, tags []string) ([]tagGen,
 
 // countL2Error counts a failed Redis call; a call the breaker skipped is counted there instead.
 func (c *Cache[V]) countL2Error(err error) {
-	if !errors.Is(err, ErrBreakerOpen) {
+	var left *leftQueue
+	if !errors.Is(err, ErrBreakerOpen) && !errors.As(err, &left) { // a read that left no call behind
 		c.stats.l2Errors.Add(1)
 	}
 }
