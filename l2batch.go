@@ -156,9 +156,6 @@ func (l *l2) readAlone(ctx context.Context, key, genKey string) (r readReply, er
 // absent key's redis.Nil while a later command, on another node, failed.
 func firstFailure(err error, cmds ...*redis.StringCmd) error {
 	for _, c := range cmds {
-		if c == nil {
-			continue
-		}
 		if cerr := c.Err(); cerr != nil && !errors.Is(cerr, redis.Nil) {
 			return cerr
 		}
