@@ -380,13 +380,13 @@ func parseGen(s string, failed bool) genValue {
 // empty); in a pipeline, failed[j] reports that the j-th key's GET failed (failed is nil on a
 // single Redis). vals is nil when nothing could be read.
 func (c *Cache[V]) mget(ctx context.Context, args []any) (vals []string, failed []bool, err error) {
-	if single, ok := c.l2.rdb.(*redis.Client); ok {
+	if _, single := c.l2.rdb.(*redis.Client); single {
 		err = c.l2.call(ctx, func(ctx context.Context) error {
 			// A StringSliceCmd reads the replies as strings, nil as "": no interface per value.
 			cmd := redis.NewStringSliceCmd(ctx, args...)
-			_ = single.Process(ctx, cmd)
+			err := c.l2.processRead(ctx, cmd)
 			vals = cmd.Val()
-			return cmd.Err()
+			return err
 		})
 		if err == nil && len(vals) != len(args)-1 {
 			err = fmt.Errorf("MGET of %d keys returned %d values", len(args)-1, len(vals))

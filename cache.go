@@ -56,6 +56,13 @@ type Options struct {
 	// L2Timeout is the budget of one Redis call, waits for a pooled connection included. 0 means
 	// 100 ms.
 	L2Timeout time.Duration
+	// ReadConns is how many of a single Redis client's (*redis.Client) pooled connections the cache
+	// holds for its reads, which then skip the pool's per-command checks (see the README's
+	// Performance section): at most 4, fewer than the pool's size. 0 means a quarter of PoolSize (or
+	// of MaxActiveConns, if smaller) up to 4, and none with go-redis's client-side cache; negative
+	// holds none. Hooks added to the client after the cache's first Redis read do not see reads on
+	// held connections. Close gives them back.
+	ReadConns int
 	// Codec encodes values for Redis. Nil means the default: V's own binary encoding when it has one
 	// (ImageMeta does), encoding/json otherwise. See Codec.
 	Codec Codec
@@ -285,6 +292,13 @@ func New[V any](opts Options) (*Cache[V], error) {
 			return nil, err
 		}
 		c.l2 = &l2{rdb: opts.Redis, prefix: ns + ":", epoch: ns + ":%p", timeout: orDefault(opts.L2Timeout, DefaultL2Timeout), log: opts.Logger}
+		if single, ok := opts.Redis.(*redis.Client); ok {
+			n, err := readConnsFor(single, opts.ReadConns)
+			if err != nil {
+				return nil, err
+			}
+			c.l2.conns.init(single, n)
+		}
 		if opts.BreakerThreshold >= 0 {
 			c.l2.brk = &breaker{
 				threshold: int64(orDefault(opts.BreakerThreshold, DefaultBreakerThreshold)),
@@ -435,6 +449,9 @@ func (c *Cache[V]) Close() error {
 	c.flights.close()
 	if c.busDone != nil {
 		<-c.busDone // the bus goroutine closes its subscription
+	}
+	if c.l2 != nil {
+		c.l2.conns.close()
 	}
 	releaseClock()
 	return nil

@@ -92,11 +92,15 @@
 // the reads that arrive while four are under way wait for one of them to end and then go together,
 // as one MGET. A queued read still gives up at its caller's deadline or cancellation, or L2Timeout
 // after it queued. Reads sent in a batch of more than one are counted in [Stats].L2Batched. A
-// Cluster's or a Ring's reads are not batched.
+// Cluster's or a Ring's reads are not batched. The reads of a single Redis go on up to four
+// connections the cache holds out of the client's pool (see [Options].ReadConns), which skips the
+// pool's check of a connection on every command; a read that a dead held connection fails is made
+// again through the pool.
 //
 // [Cache.Close] cancels running loads' contexts, waits for them, stops the bus goroutine and its
-// subscription, and stops the clock goroutine when the last Cache of the process closes; it is
-// idempotent, and it does not close the Redis client. Nothing else runs in the background.
+// subscription, gives the held read connections back to the client's pool, and stops the clock
+// goroutine when the last Cache of the process closes; it is idempotent, and it does not close the
+// Redis client. Nothing else runs in the background.
 //
 // # Stats and logging
 //

@@ -118,16 +118,18 @@ func (l *l2) read(ctx context.Context, key, genKey string) (readReply, error) {
 func (l *l2) readAlone(ctx context.Context, key, genKey string) (r readReply, err error) {
 	if genKey == "" {
 		err = l.call(ctx, func(ctx context.Context) error {
-			var gerr error
-			r.val[0], gerr = l.rdb.Get(ctx, key).Result()
-			r.ok[0] = gerr == nil
+			cmd := redis.NewStringCmd(ctx, "get", key)
+			gerr := l.processRead(ctx, cmd)
+			r.val[0], r.ok[0] = cmd.Val(), gerr == nil
 			return pipelineErr(gerr) // an absent key is a reply
 		})
 		return r, err
 	}
-	if single, ok := l.rdb.(*redis.Client); ok {
+	if _, single := l.rdb.(*redis.Client); single {
 		err = l.call(ctx, func(ctx context.Context) error {
-			res, err := single.MGet(ctx, key, genKey).Result()
+			cmd := redis.NewSliceCmd(ctx, "mget", key, genKey)
+			err := l.processRead(ctx, cmd)
+			res := cmd.Val()
 			if err == nil && len(res) == 2 {
 				r.val[0], r.ok[0] = res[0].(string)
 				r.val[1], r.ok[1] = res[1].(string)
@@ -316,16 +318,21 @@ func (l *l2) sendBatch(lead *pendingRead, leadLeft bool) {
 		return
 	}
 	l.reads.batched.Add(uint64(len(batch)))
-	args := make([]string, 0, 2*len(batch))
+	args := make([]any, 1, 1+2*len(batch))
+	args[0] = "mget"
 	for _, p := range batch {
-		args = append(args, p.keys[:p.n]...)
+		for _, k := range p.keys[:p.n] {
+			args = append(args, k)
+		}
 	}
 	var res []any
 	err := l.call(ctx, func(ctx context.Context) (err error) {
-		res, err = l.rdb.(*redis.Client).MGet(ctx, args...).Result()
+		cmd := redis.NewSliceCmd(ctx, args...)
+		err = l.processRead(ctx, cmd)
+		res = cmd.Val()
 		return err
 	})
-	if err == nil && len(res) != len(args) {
+	if err == nil && len(res) != len(args)-1 {
 		err = errors.New("imgcache: MGET answered a different number of keys")
 	}
 	i := 0

@@ -23,6 +23,7 @@ type l2 struct {
 	log     *slog.Logger // nil when debug logging is off
 	brk     *breaker     // nil when disabled
 	reads   readBatcher  // l2batch.go
+	conns   readConns    // l2conns.go
 }
 
 // call runs one Redis round trip under the breaker and the L2Timeout budget. redis.Nil (an absent

@@ -65,6 +65,21 @@ func BenchmarkPaired(b *testing.B) {
 	for _, p := range l2[1:] {
 		b.Run("L2Hit/g=1/vs-"+p.name, func(b *testing.B) { paired(b, l2[0].get, p.get) })
 	}
+	// The floor again, on a connection held out of the pool as imgcache holds its reads' (Options.
+	// ReadConns): go-redis then skips its per-command pool checks.
+	held := rdb.Conn()
+	defer held.Close()
+	ks := hitSet()
+	b.Run("L2Hit/g=1/vs-go-redis-GET+decode-held-conn", func(b *testing.B) {
+		paired(b, l2[0].get, func(i int) bool {
+			data, err := held.Get(context.Background(), rawKey(ks.Strs[i])).Bytes()
+			if err != nil {
+				return false
+			}
+			var m meta
+			return m.UnmarshalBinary(data) == nil
+		})
+	})
 
 	var loads atomic.Int64
 	icGL, grcGL := newImgcache(b, rdb, -1), newGoRedisCache(rdb, false, false)

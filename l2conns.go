@@ -1,0 +1,190 @@
+package imgcache
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Held read connections.
+//
+// go-redis checks a pooled connection every time a command takes one from the pool: it clears the
+// socket's deadline and peeks at it with a non-blocking recvfrom, then updates the pool's state and
+// metrics. On the 2-core reference machine that is about a sixth of a loopback GET (BENCHMARKS.md,
+// Performance: a GET on a held redis.Conn against one through the pool, paired). A Cache's reads of
+// a single Redis are few at a time already (readsInFlight, l2batch.go), so it holds up to that many
+// of the client's connections for them, as redis.Conns: a read takes a free one, or goes through
+// the pool as before when none is free. Only reads use them (GET and MGET), because only a read can
+// be made again safely when the connection turns out to be dead.
+//
+// What a held connection gives up, and how each is made good:
+//   - The health check. A connection that died while held (Redis restarted or closed it, a
+//     failover, a proxy's idle timeout) fails the next read on it. That connection is dropped and
+//     the read is made again at once through the pool, whose check finds the dead ones: the caller
+//     sees a read, as the pool would have given it. A timeout is not made again: Redis is slow,
+//     not the connection dead, and a second wait would only add to the read's latency.
+//   - The pool's limits. A held connection is given back once ConnMaxLifetime has passed since it
+//     was taken, or when it has been idle for ConnMaxIdleTime.
+//   - Hooks. A redis.Conn runs the client's hooks as they were when it was made, and a Cache makes
+//     its connections when its first reads need them: hooks added to the client before the Cache's
+//     first Redis read see every read; hooks added later do not see reads on held connections.
+//   - Client-side caching. A redis.Conn does not read go-redis's client-side cache, so a client with
+//     one gets no held connections unless Options.ReadConns asks for them.
+//
+// The connections come out of the client's pool and go back to it when the Cache is closed: the
+// default takes at most a quarter of PoolSize (MaxActiveConns if smaller), and none from a pool of
+// fewer than 4, so the service's own commands and the Cache's writes keep the rest.
+
+// readConns are the connections a l2 holds for its reads. The zero value holds none.
+type readConns struct {
+	client  *redis.Client // nil: none are held
+	max     int
+	maxLife int64 // clock nanoseconds (coarseNow); 0: no limit
+	maxIdle int64 // clock nanoseconds; 0: no limit
+
+	mu     sync.Mutex
+	free   []*heldConn
+	n      int // held: free and in use
+	closed bool
+}
+
+// heldConn is a held connection and its times.
+type heldConn struct {
+	*redis.Conn
+	born, used int64 // coarseNow readings: when it was taken from the pool, and last given back
+}
+
+// readConnsFor returns how many connections to hold for c's reads: want (Options.ReadConns) if it
+// is positive, none if it is negative, the default if it is 0. It refuses a count that would leave
+// the pool nothing.
+func readConnsFor(c *redis.Client, want int) (int, error) {
+	if want < 0 {
+		return 0, nil
+	}
+	o := c.Options()
+	size := o.PoolSize
+	if o.MaxActiveConns > 0 {
+		size = min(size, o.MaxActiveConns)
+	}
+	if want > 0 {
+		if want >= size {
+			return 0, fmt.Errorf("imgcache: Options.ReadConns is %d; the client's pool has %d connections, and the cache's writes and the service need some of them", want, size)
+		}
+		return min(want, readsInFlight), nil
+	}
+	if o.ClientSideCacheConfig != nil || o.ClientSideCache != nil {
+		return 0, nil // a held connection would read past the client-side cache
+	}
+	return min(readsInFlight, size/4), nil
+}
+
+// init makes r hold up to n of client's connections, with client's lifetime limits.
+func (r *readConns) init(client *redis.Client, n int) {
+	if n <= 0 {
+		return
+	}
+	o := client.Options()
+	r.client, r.max = client, n
+	r.maxLife, r.maxIdle = int64(o.ConnMaxLifetime), int64(o.ConnMaxIdleTime)
+}
+
+// take returns a free held connection, or a new one if fewer than max are held, or nil (go through
+// the pool). A connection past its lifetime or idle time is given back and replaced.
+func (r *readConns) take() *heldConn {
+	if r.client == nil {
+		return nil
+	}
+	r.mu.Lock()
+	var h *heldConn
+	switch n := len(r.free); {
+	case n > 0:
+		h = r.free[n-1]
+		r.free = r.free[:n-1]
+	case !r.closed && r.n < r.max:
+		r.n++
+	default:
+		r.mu.Unlock()
+		return nil
+	}
+	r.mu.Unlock()
+	now := coarseNow()
+	if h != nil {
+		if !r.expired(h, now) {
+			return h
+		}
+		_ = h.Close() // back to the pool, which checks it as it checks its own
+	}
+	return &heldConn{Conn: r.client.Conn(), born: now, used: now}
+}
+
+func (r *readConns) expired(h *heldConn, now int64) bool {
+	return (r.maxLife > 0 && now-h.born >= r.maxLife) || (r.maxIdle > 0 && now-h.used >= r.maxIdle)
+}
+
+// put gives back a connection take returned: for the next read if ok, else (it failed) to the
+// pool, which drops it if go-redis has marked it bad.
+func (r *readConns) put(h *heldConn, ok bool) {
+	h.used = coarseNow()
+	r.mu.Lock()
+	if ok && !r.closed {
+		r.free = append(r.free, h)
+		r.mu.Unlock()
+		return
+	}
+	r.n--
+	r.mu.Unlock()
+	_ = h.Close()
+}
+
+// close gives every held connection back to the pool: the free ones now, the ones in use when
+// their reads end.
+func (r *readConns) close() {
+	r.mu.Lock()
+	r.closed = true
+	free := r.free
+	r.free = nil
+	r.n -= len(free)
+	r.mu.Unlock()
+	for _, h := range free {
+		_ = h.Close()
+	}
+}
+
+// held reports how many connections r holds, free and in use.
+func (r *readConns) held() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.n
+}
+
+// processRead runs cmd, a read, on a held connection when one is free, else through the client's
+// pool. If a held connection fails other than with a Redis reply, it is dropped and, unless the
+// failure was a timeout or ctx has ended, cmd runs again through the pool (see above), with
+// go-redis's retries.
+//
+// On a held connection cmd goes without go-redis's retries: they would wait out their backoff (8 ms
+// and more, doubling) and then meet the same dead connection, which a redis.Conn never replaces,
+// until the call's deadline.
+func (l *l2) processRead(ctx context.Context, cmd redis.Cmder) error {
+	h := l.conns.take()
+	if h == nil {
+		return l.rdb.Process(ctx, cmd)
+	}
+	err := h.Process(ctx, noRetry{cmd})
+	if err == nil || isReply(err) {
+		l.conns.put(h, true)
+		return err
+	}
+	l.conns.put(h, false)
+	if failedSlowly(err) || ctx.Err() != nil {
+		return err
+	}
+	return l.rdb.Process(ctx, cmd)
+}
+
+// noRetry is a command that go-redis must not retry (Cmder.NoRetry).
+type noRetry struct{ redis.Cmder }
+
+func (noRetry) NoRetry() bool { return true }
