@@ -12,12 +12,13 @@ import (
 //
 // go-redis checks a pooled connection every time a command takes one from the pool: it clears the
 // socket's deadline and peeks at it with a non-blocking recvfrom, then updates the pool's state and
-// metrics. On the 2-core reference machine that is about a sixth of a loopback GET (BENCHMARKS.md,
-// Performance: a GET on a held redis.Conn against one through the pool, paired). A Cache's reads of
-// a single Redis are few at a time already (readsInFlight, l2batch.go), so it holds up to that many
-// of the client's connections for them, as redis.Conns: a read takes a free one, or goes through
-// the pool as before when none is free. Only reads use them (GET and MGET), because only a read can
-// be made again safely when the connection turns out to be dead.
+// metrics. On the 2-core reference machine a loopback GET on a held redis.Conn took 0.82-0.90x the
+// time of one through the pool (paired, in a standalone module), about 0.95x in the bench suite's
+// last full run (BENCHMARKS.md). A Cache's reads of a single Redis are few at a time already
+// (readsInFlight, l2batch.go), so it holds up to that many of the client's connections for them,
+// as redis.Conns: a read takes a free one, or goes through the pool as before when none is free.
+// Only reads use them (GET and MGET), because only a read can be made again safely when the
+// connection turns out to be dead.
 //
 // What a held connection gives up, and how each is made good:
 //   - The health check. A connection that died while held (Redis restarted or closed it, a
