@@ -60,8 +60,9 @@ type Options struct {
 	// holds for its reads, which then skip the pool's per-command checks (see the README's
 	// Performance section): at most 4, fewer than the pool's size. 0 means a quarter of PoolSize (or
 	// of MaxActiveConns, if smaller) up to 4, and none with go-redis's client-side cache; negative
-	// holds none. Hooks added to the client after the cache's first Redis read do not see reads on
-	// held connections. Close gives them back.
+	// holds none. Hooks added to the client after the cache's first Redis read see reads on held
+	// connections only once those are replaced (within 30 s), and a hook sees a held read's command
+	// wrapped in a type of imgcache's own. Close gives them back.
 	ReadConns int
 	// Codec encodes values for Redis. Nil means the default: V's own binary encoding when it has one
 	// (ImageMeta does), encoding/json otherwise. See Codec.

@@ -2,8 +2,10 @@ package imgcache
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -27,10 +29,15 @@ import (
 //     sees a read, as the pool would have given it. A timeout is not made again: Redis is slow,
 //     not the connection dead, and a second wait would only add to the read's latency.
 //   - The pool's limits. A held connection is given back once ConnMaxLifetime has passed since it
-//     was taken, or when it has been idle for ConnMaxIdleTime.
+//     was taken, or when it has been idle for ConnMaxIdleTime; and after heldConnMaxAge whatever
+//     the pool's settings, so that whatever go-redis does with the pool's connections over time
+//     (moving them off a node that a DNS failover demoted, a maintenance handoff) reaches the held
+//     ones within that time.
 //   - Hooks. A redis.Conn runs the client's hooks as they were when it was made, and a Cache makes
 //     its connections when its first reads need them: hooks added to the client before the Cache's
-//     first Redis read see every read; hooks added later do not see reads on held connections.
+//     first Redis read see every read; hooks added later see reads on held connections only once
+//     those are replaced (heldConnMaxAge at most). A hook sees a held read's command wrapped in
+//     noRetry, not as go-redis's own type.
 //   - Client-side caching. A redis.Conn does not read go-redis's client-side cache, so a client with
 //     one gets no held connections unless Options.ReadConns asks for them.
 //
@@ -38,11 +45,15 @@ import (
 // default takes at most a quarter of PoolSize (MaxActiveConns if smaller), and none from a pool of
 // fewer than 4, so the service's own commands and the Cache's writes keep the rest.
 
+// heldConnMaxAge is the longest a connection is held, whatever the pool's ConnMaxLifetime: taking
+// a new one from the pool every half minute costs nothing measurable.
+const heldConnMaxAge = 30 * time.Second
+
 // readConns are the connections a l2 holds for its reads. The zero value holds none.
 type readConns struct {
 	client  *redis.Client // nil: none are held
 	max     int
-	maxLife int64 // clock nanoseconds (coarseNow); 0: no limit
+	maxLife int64 // clock nanoseconds (coarseNow)
 	maxIdle int64 // clock nanoseconds; 0: no limit
 
 	mu     sync.Mutex
@@ -88,7 +99,10 @@ func (r *readConns) init(client *redis.Client, n int) {
 	}
 	o := client.Options()
 	r.client, r.max = client, n
-	r.maxLife, r.maxIdle = int64(o.ConnMaxLifetime), int64(o.ConnMaxIdleTime)
+	r.maxLife, r.maxIdle = int64(heldConnMaxAge), int64(o.ConnMaxIdleTime)
+	if o.ConnMaxLifetime > 0 {
+		r.maxLife = min(r.maxLife, int64(o.ConnMaxLifetime))
+	}
 }
 
 // take returns a free held connection, or a new one if fewer than max are held, or nil (go through
@@ -121,7 +135,7 @@ func (r *readConns) take() *heldConn {
 }
 
 func (r *readConns) expired(h *heldConn, now int64) bool {
-	return (r.maxLife > 0 && now-h.born >= r.maxLife) || (r.maxIdle > 0 && now-h.used >= r.maxIdle)
+	return now-h.born >= r.maxLife || (r.maxIdle > 0 && now-h.used >= r.maxIdle)
 }
 
 // put gives back a connection take returned: for the next read if ok, else (it failed) to the
@@ -161,25 +175,37 @@ func (r *readConns) held() int {
 }
 
 // processRead runs cmd, a read, on a held connection when one is free, else through the client's
-// pool. If a held connection fails other than with a Redis reply, it is dropped and, unless the
-// failure was a timeout or ctx has ended, cmd runs again through the pool (see above), with
-// go-redis's retries.
+// pool. If a held connection fails with anything but an absent key (redis.Nil), it is dropped,
+// and unless the failure was a timeout or ctx has ended, cmd runs again through the pool, with
+// go-redis's retries (see above).
 //
-// On a held connection cmd goes without go-redis's retries: they would wait out their backoff (8 ms
-// and more, doubling) and then meet the same dead connection, which a redis.Conn never replaces,
-// until the call's deadline.
+// A reply error drops the connection too: go-redis marks a connection bad after some replies
+// (READONLY, a MOVED to the same node), and a redis.Conn then fails every later command without
+// sending it. And it is made again through the pool because go-redis retries some replies there
+// (LOADING, MASTERDOWN, TRYAGAIN), which it must not retry on a held connection: its retries would
+// wait out their backoff (8 ms and more, doubling) and, after a connection error, meet the same
+// dead connection, which a redis.Conn never replaces, until the call's deadline. A reply that fails
+// again costs one more round trip; Redis sends none to a cache's reads of its own keys.
 func (l *l2) processRead(ctx context.Context, cmd redis.Cmder) error {
 	h := l.conns.take()
 	if h == nil {
 		return l.rdb.Process(ctx, cmd)
 	}
+	ok := false
+	defer func() {
+		if !ok { // a hook panicked: the connection goes back to the pool, the panic on up
+			l.conns.put(h, false)
+		}
+	}()
 	err := h.Process(ctx, noRetry{cmd})
-	if err == nil || isReply(err) {
+	ok = err == nil || errors.Is(err, redis.Nil)
+	if ok {
 		l.conns.put(h, true)
 		return err
 	}
+	ok = true
 	l.conns.put(h, false)
-	if failedSlowly(err) || ctx.Err() != nil {
+	if failedSlowly(err) || errors.Is(err, redis.ErrPoolTimeout) || ctx.Err() != nil {
 		return err
 	}
 	return l.rdb.Process(ctx, cmd)

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/alicebob/miniredis/v2/server"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -234,5 +236,80 @@ func TestReadConnsCount(t *testing.T) {
 	if c, err := New[ImageMeta](o); err == nil {
 		_ = c.Close()
 		t.Fatal("New accepted ReadConns 2 on a pool of 2")
+	}
+}
+
+// failReadsOnce makes miniredis answer the next GET or MGET with the error msg.
+func failReadsOnce(e *testEnv, msg string) {
+	var left atomic.Int32
+	left.Store(1)
+	e.mr.Server().SetPreHook(func(p *server.Peer, cmd string, _ ...string) bool {
+		if (strings.EqualFold(cmd, "get") || strings.EqualFold(cmd, "mget")) && left.Add(-1) >= 0 {
+			p.WriteError(msg)
+			return true
+		}
+		return false
+	})
+}
+
+// A reply error on a held connection drops it, and the read is made again through the pool, as
+// go-redis would retry it there: a LOADING or READONLY reply costs no read, and a READONLY, after
+// which go-redis marks the connection bad, does not leave a dead connection held.
+func TestHeldConnectionReplyErrorIsReadAgainThroughThePool(t *testing.T) {
+	for _, msg := range []string{
+		"LOADING Redis is loading the dataset in memory",
+		"READONLY You can't write against a read only replica.",
+	} {
+		t.Run(strings.Fields(msg)[0], func(t *testing.T) {
+			e := newMiniEnv(t)
+			o := e.opts()
+			o.BreakerThreshold = -1
+			c, keys := heldConnsEnv(t, e, o, 1)
+			getAll(t, c, keys)
+			failReadsOnce(e, msg)
+			getAll(t, c, keys)
+			e.mr.Server().SetPreHook(nil)
+			for range 5 {
+				getAll(t, c, keys)
+			}
+			if n := c.Stats().L2Errors; n != 0 {
+				t.Errorf("L2Errors = %d; want 0", n)
+			}
+		})
+	}
+}
+
+// A hook that panics during a read on a held connection does not leak the connection.
+func TestHeldConnectionGoesBackWhenAHookPanics(t *testing.T) {
+	e := newMiniEnv(t)
+	var armed atomic.Bool
+	e.node().AddHook(beforeCall(func(_ context.Context, cmds []redis.Cmder) {
+		if cmds[0].Name() == "get" && armed.CompareAndSwap(true, false) {
+			panic("hook")
+		}
+	}))
+	c, keys := heldConnsEnv(t, e, e.opts(), 1)
+	getAll(t, c, keys)
+	armed.Store(true)
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Fatal("the hook's panic did not reach the caller")
+			}
+		}()
+		_, _ = c.Get(context.Background(), keys[0])
+	}()
+	if n := c.l2.conns.held(); n != 0 {
+		t.Errorf("the cache holds %d connections after a panic in a read; want the read's given back", n)
+	}
+	getAll(t, c, keys)
+}
+
+// Without a ConnMaxLifetime, a held connection is still replaced after heldConnMaxAge.
+func TestHeldConnectionsAreReplacedAfterMaxAge(t *testing.T) {
+	e := newMiniEnv(t)
+	c, _ := heldConnsEnv(t, e, e.opts(), 0)
+	if got := c.l2.conns.maxLife; got != int64(heldConnMaxAge) {
+		t.Errorf("maxLife = %v without ConnMaxLifetime; want %v", time.Duration(got), heldConnMaxAge)
 	}
 }
