@@ -118,15 +118,6 @@ type Options struct {
 	// LockTTL is the lifetime of a load's lease. 0 means LoadTimeout plus a second, or 10 s without
 	// LoadTimeout.
 	LockTTL time.Duration
-	// WriteBehind makes a GetOrLoad that loads return the value as soon as it is loaded and in L1,
-	// and leaves its write to Redis (the SET ... PX, its check against invalidations that ran
-	// meanwhile, the lease's release) to a writer goroutine that sends the writes queued meanwhile
-	// in one pipeline: a miss then costs its caller one Redis round trip instead of two. The load
-	// keeps its lease until the write lands, so other instances wait for the value rather than load
-	// it again; but when GetOrLoad returns, Redis may not hold the value yet. At most 1,024 writes
-	// wait: past that, a load writes on its caller's path. Close sends the queued writes before it
-	// returns. Off by default. GetOrLoadMany writes on its caller's path either way.
-	WriteBehind bool
 }
 
 // Defaults for the zero values of Options.
@@ -220,7 +211,6 @@ type Cache[V any] struct {
 	instance   uint64
 	busDone    chan struct{}
 	subscribed atomic.Bool
-	wb         *writeBehind                  // the writer's queue (writebehind.go); nil without Options.WriteBehind
 	outbox     outbox                        // messages of failed invalidations, for the bus goroutine to publish
 	busHook    atomic.Pointer[func(busKind)] // tests only: called after a message from another instance is applied
 }
@@ -337,9 +327,6 @@ func New[V any](opts Options) (*Cache[V], error) {
 	if c.l2 != nil {
 		c.l2.loadScripts(c.base, registerScript, releaseIfUnchangedScript, releaseLeaseScript)
 		c.startBus()
-		if opts.WriteBehind {
-			c.startWriter()
-		}
 	}
 	return c, nil
 }
@@ -461,7 +448,6 @@ func (c *Cache[V]) Close() error {
 	}
 	c.cancel()
 	c.flights.close()
-	c.stopWriter() // after the loads, which queue writes; before the bus, which may need to tell others
 	if c.busDone != nil {
 		<-c.busDone // the bus goroutine closes its subscription
 	}

@@ -97,15 +97,10 @@
 // pool's check of a connection on every command; a read that a dead held connection fails is made
 // again through the pool.
 //
-// With [Options].WriteBehind, a GetOrLoad that loads returns the value without waiting for its write
-// to Redis: one writer goroutine per Cache sends the writes, checked against invalidations as
-// before, and the load's lease is held until its write lands.
-//
-// [Cache.Close] cancels running loads' contexts, waits for them, sends the writes still queued
-// and stops the writer, stops the bus goroutine and its subscription, gives the held read
-// connections back to the client's pool, and stops the clock goroutine when the last Cache of the
-// process closes; it is idempotent, and it does not close the Redis client. Nothing else runs in
-// the background.
+// [Cache.Close] cancels running loads' contexts, waits for them, stops the bus goroutine and its
+// subscription, gives the held read connections back to the client's pool, and stops the clock
+// goroutine when the last Cache of the process closes; it is idempotent, and it does not close the
+// Redis client. Nothing else runs in the background.
 //
 // # Stats and logging
 //

@@ -165,30 +165,6 @@ func ExampleCache_GetOrLoadMany() {
 	// loads=1 misses=4 l1 hits=4
 }
 
-// With WriteBehind, a miss returns the loaded value without waiting for its write to Redis; the
-// cache's writer sends it, and Close sends whatever is still queued.
-func ExampleOptions_writeBehind() {
-	mr, _ := miniredis.Run()
-	defer mr.Close()
-	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
-	defer rdb.Close()
-	avatars, err := imgcache.New[imgcache.ImageMeta](imgcache.Options{Redis: rdb, Namespace: "img", WriteBehind: true})
-	if err != nil {
-		fmt.Println(err)
-		return
-	}
-	k := imgcache.NewKey("artist", "42").With("type", "avatar")
-	v, err := avatars.GetOrLoad(context.Background(), k, func(context.Context) (imgcache.ImageMeta, error) {
-		return imgcache.ImageMeta{Path: "/srv/images/artists/42/avatar.jpg"}, nil
-	})
-	fmt.Println(v.Path, err)
-	_ = avatars.Close() // sends the queued write
-	fmt.Println("in Redis:", mr.Exists("img:"+k.String()))
-	// Output:
-	// /srv/images/artists/42/avatar.jpg <nil>
-	// in Redis: true
-}
-
 // Per-call TTLs are time.Durations: 1500*time.Millisecond is 1.5 s in Redis, never 1500 s.
 func ExampleWithTTL() {
 	mr, _ := miniredis.Run()

@@ -612,15 +612,7 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 	}
 	c.stampAt(e, ttl, int64(end.Sub(clockEpoch))) // preciseNow at end
 	c.fillL1(k, e, seq)
-	if !l2ok {
-		return v, err
-	}
-	w := l2write{k, data, c.pxTTL(ttl, e.negative), absent, reg, held}
-	if c.queueWrite(ctx, w) {
-		held = nil // the writer releases it once the write has landed
-		return v, err
-	}
-	if !c.writeVerified(ctx, []l2write{w})[0] && c.l1 != nil {
+	if l2ok && !c.writeVerified(ctx, []l2write{{k, data, c.pxTTL(ttl, e.negative), absent, reg, held}})[0] && c.l1 != nil {
 		c.l1.remove(k)
 	}
 	return v, err

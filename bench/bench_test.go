@@ -642,21 +642,15 @@ func BenchmarkMissLoad(b *testing.B) {
 	}
 	rdb := redisClient(b)
 	ic := newImgcache(b, rdb, L1Capacity)
-	// WriteBehind: the write goes on in the cache's writer goroutine. Its queue holds at most 1,024
-	// writes, so over a run the time per miss includes the writes' cost as soon as they fall behind.
-	icWB := newImgcacheWith(b, rdb, L1Capacity, func(o *imgcache.Options) { o.WriteBehind = true })
 	grc := newGoRedisCache(rdb, true, false)
 	for _, p := range []missPeer{
 		{"imgcache", func(k imgcache.Key, _ string) error { _, err := ic.GetOrLoad(ctx, k, load); return err }},
-		{"imgcache-WriteBehind", func(k imgcache.Key, _ string) error { _, err := icWB.GetOrLoad(ctx, k, load); return err }},
 		{"go-redis-cache", grcOnce(grc)},
 	} {
 		bench("redis/g=1/"+p.name, rdb, p.get)
 	}
-	for _, c := range []*imgcache.Cache[meta]{ic, icWB} {
-		if n := c.Stats().L2Errors; n > 0 {
-			b.Errorf("imgcache counted %d Redis errors", n)
-		}
+	if n := ic.Stats().L2Errors; n > 0 {
+		b.Errorf("imgcache counted %d Redis errors", n)
 	}
 }
 

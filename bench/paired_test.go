@@ -107,12 +107,8 @@ func BenchmarkPaired(b *testing.B) {
 	icNoLease := newImgcacheWith(b, rdb, L1Capacity, func(o *imgcache.Options) { o.LocalLoadsOnly = true })
 	b.Run("MissLoad/LocalLoadsOnly/g=1/vs-go-redis-cache", pairedMisses(icNoLease, newGoRedisCache(rdb, true, false)))
 	b.Run("MissLoad/cancellable-ctx/g=1/vs-go-redis-cache", pairedMissesCtx(reqCtx, icMiss, newGoRedisCache(rdb, true, false)))
-	// With WriteBehind: the caller gets its value after one round trip, and the write goes on in
-	// the cache's writer goroutine.
-	icWB := newImgcacheWith(b, rdb, L1Capacity, func(o *imgcache.Options) { o.WriteBehind = true })
-	b.Run("MissLoad/WriteBehind/g=1/vs-go-redis-cache", pairedMisses(icWB, newGoRedisCache(rdb, true, false)))
 
-	for _, c := range []*imgcache.Cache[meta]{ic, icMany, icMiss, icNoLease, icWB} {
+	for _, c := range []*imgcache.Cache[meta]{ic, icMany, icMiss, icNoLease} {
 		if n := c.Stats().L2Errors; n > 0 {
 			b.Errorf("imgcache counted %d Redis errors", n)
 		}
