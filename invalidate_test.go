@@ -664,7 +664,9 @@ func freePort(t *testing.T) int {
 // A tag that is never invalidated, on an endless stream of new keys, keeps only its live members.
 func TestTagBookkeepingDropsExpiredMembers(t *testing.T) {
 	e := newEnv(t)
-	c := newCache[ImageMeta](e, e.opts())
+	o := e.opts()
+	o.L2Timeout = time.Second // 400 Sets under -race: a slow one is not what this test is about
+	c := newCache[ImageMeta](e, o)
 	meta := e.ns + ":%t:fleet"
 	for round := range 4 {
 		for i := range 100 {
