@@ -191,24 +191,21 @@ func (l *l2) processRead(ctx context.Context, cmd redis.Cmder) error {
 	if h == nil {
 		return l.rdb.Process(ctx, cmd)
 	}
-	ok := false
-	defer func() {
-		if !ok { // a hook panicked: the connection goes back to the pool, the panic on up
-			l.conns.put(h, false)
-		}
-	}()
-	err := h.Process(ctx, noRetry{cmd})
-	ok = err == nil || errors.Is(err, redis.Nil)
-	if ok {
-		l.conns.put(h, true)
-		return err
-	}
-	ok = true
-	l.conns.put(h, false)
-	if failedSlowly(err) || errors.Is(err, redis.ErrPoolTimeout) || ctx.Err() != nil {
+	err := l.processHeld(ctx, h, cmd)
+	if err == nil || errors.Is(err, redis.Nil) || failedSlowly(err) || errors.Is(err, redis.ErrPoolTimeout) || ctx.Err() != nil {
 		return err
 	}
 	return l.rdb.Process(ctx, cmd)
+}
+
+// processHeld runs cmd on h without go-redis's retries, and gives h back: for the next read if
+// cmd got a value or an absent key, else (an error, or a panic in a hook) to the pool.
+func (l *l2) processHeld(ctx context.Context, h *heldConn, cmd redis.Cmder) error {
+	healthy := false
+	defer func() { l.conns.put(h, healthy) }()
+	err := h.Process(ctx, noRetry{cmd})
+	healthy = err == nil || errors.Is(err, redis.Nil)
+	return err
 }
 
 // noRetry is a command that go-redis must not retry (Cmder.NoRetry).
