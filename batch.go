@@ -53,8 +53,9 @@ func (c *Cache[V]) GetMany(ctx context.Context, ks []Key) (vals []V, found []boo
 //
 // Unlike GetOrLoad, the load takes no lease in Redis (as with Options.LocalLoadsOnly): other
 // instances missing the same keys at the same moment load them too. Options.LoadTimeout applies,
-// and so does Options.StaleTTL's fail-safe when load fails (a key with a stale value gets it), but
-// not Options.SoftLoadTimeout: callers wait for the load.
+// and so does Options.StaleTTL's fail-safe when load fails (a key with a stale value gets it).
+// So does Options.SoftLoadTimeout: past it, a key with a stale value at hand gets it while the
+// load goes on and stores its results when it ends; the other keys wait for the load.
 //
 // If load fails, its map is ignored and the keys answered otherwise are still returned, with its
 // error, wrapped; the error is not cached. An error wrapping ErrNotFound is not a failure: it makes every key given to
@@ -107,7 +108,9 @@ func (c *Cache[V]) GetOrLoadMany(ctx context.Context, ks []Key, load func(ctx co
 			defer c.flights.wg.Done()
 			c.loadBatch(ctx, keys, fs, own, stale, load, so)
 		}
-		if ctx.Done() == nil { // as GetOrLoad: a caller that cannot leave early runs the load itself
+		// As GetOrLoad: a caller that cannot leave early runs the load itself, unless a soft timeout
+		// may hand it stale values before the load ends.
+		if ctx.Done() == nil && c.softTimeout == 0 {
 			run()
 		} else {
 			go run()

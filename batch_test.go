@@ -1026,3 +1026,83 @@ func BenchmarkGetManyL2(b *testing.B) {
 		b.Run("go-redis-MGET+decode-10-entities/"+name, mget(redisKeys(sharedKeys, false)))
 	}
 }
+
+// TestGetOrLoadManySoftTimeout: past SoftLoadTimeout, the keys of a batch that have a stale value
+// get it while the load goes on, and the load's values are stored when it ends; a key invalidated
+// meanwhile gets no stale value, and a key without one waits for the load.
+func TestGetOrLoadManySoftTimeout(t *testing.T) {
+	e := newEnv(t)
+	opts := e.opts()
+	opts.StaleTTL = time.Minute
+	opts.SoftLoadTimeout = 50 * time.Millisecond
+	c := newCache[ImageMeta](e, opts)
+	a, b, d, n := NewKey("artist", "sa"), NewKey("artist", "sb"), NewKey("artist", "sd"), NewKey("artist", "sn")
+	short := WithTTL(100 * time.Millisecond)
+	loadV := func(version int) func(context.Context, []Key) (map[Key]ImageMeta, error) {
+		return func(_ context.Context, ks []Key) (map[Key]ImageMeta, error) {
+			m := make(map[Key]ImageMeta, len(ks))
+			for _, k := range ks {
+				m[k] = metaV(k.String(), version)
+			}
+			return m, nil
+		}
+	}
+	if _, _, err := c.GetOrLoadMany(ctx, []Key{a, b, d}, loadV(1), short); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(150 * time.Millisecond)
+	e.advance(150 * time.Millisecond)
+
+	// Every key stale: the stale values after the soft timeout, the new ones stored later. The
+	// caller's context cannot end, so before soft timeouts it ran the load itself.
+	started, release := make(chan struct{}), make(chan struct{})
+	slow := func(ctx context.Context, ks []Key) (map[Key]ImageMeta, error) {
+		close(started)
+		select { // bounded: a regression fails the test rather than hanging it
+		case <-release:
+		case <-time.After(2 * time.Second):
+		}
+		return loadV(2)(ctx, ks)
+	}
+	start := time.Now()
+	vals, found, err := c.GetOrLoadMany(context.Background(), []Key{a, b}, slow, WithTTL(time.Minute))
+	if took := time.Since(start); err != nil || !found[0] || !found[1] || vals[0].ETag != metaV(a.String(), 1).ETag ||
+		vals[1].ETag != metaV(b.String(), 1).ETag || took > 500*time.Millisecond {
+		t.Fatalf("past the soft timeout: %v %v %v after %v; want both stale values after about 50ms", vals, found, err, took)
+	}
+	<-started
+	if s := c.Stats(); s.StaleServed != 2 || s.Refreshes != 1 {
+		t.Errorf("StaleServed, Refreshes = %d, %d; want 2, 1", s.StaleServed, s.Refreshes)
+	}
+	close(release)
+	eventually(t, wantETag(c, a, metaV(a.String(), 2).ETag))
+	eventually(t, wantETag(c, b, metaV(b.String(), 2).ETag))
+
+	// d stale but deleted during the load, n never loaded: both wait for the load; a, b are fresh.
+	time.Sleep(10 * time.Millisecond)
+	started, release = make(chan struct{}), make(chan struct{})
+	type result struct {
+		vals  []ImageMeta
+		found []bool
+		err   error
+	}
+	done := make(chan result, 1)
+	go func() {
+		vals, found, err := c.GetOrLoadMany(ctx, []Key{d, n}, slow)
+		done <- result{vals, found, err}
+	}()
+	<-started
+	if err := c.Delete(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("GetOrLoadMany returned before its load ended: %+v", r)
+	case <-time.After(150 * time.Millisecond):
+	}
+	close(release)
+	r := <-done
+	if r.err != nil || !r.found[0] || !r.found[1] || r.vals[0].ETag != metaV(d.String(), 2).ETag || r.vals[1].ETag != metaV(n.String(), 2).ETag {
+		t.Errorf("after the load: %+v; want the loaded values (no stale value for the deleted key)", r)
+	}
+}

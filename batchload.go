@@ -62,6 +62,9 @@ func (c *Cache[V]) loadBatch(callerCtx context.Context, keys []Key, fs []*flight
 	for j, i := range todo {
 		missing[j] = keys[i]
 	}
+	if stop := c.softTimeoutBatch(keys, fs, todo, stale); stop != nil {
+		defer stop()
+	}
 	c.stats.loads.Add(1)
 	got, err := callLoad(ctx, &c.flights.wg, func(ctx context.Context) (map[Key]V, error) { return load(ctx, missing) })
 	switch {
@@ -117,6 +120,48 @@ func (c *Cache[V]) loadBatch(callerCtx context.Context, keys []Key, fs []*flight
 }
 
 var errBatchAbandoned = errors.New("imgcache: batch load ended without a result")
+
+// softTimeoutBatch applies SoftLoadTimeout to a batch load, as runFlightFrom does to one key's:
+// past it, each key todo with a stale value at hand (stale[i]) publishes that value to its callers,
+// unless an invalidation has run since its flight began or the value is past StaleTTL, while the
+// load goes on and stores what it loads when it finishes. Keys without a stale value wait for the
+// load. The flights stay in the map until then, so no second load of a key starts meanwhile. It
+// returns nil when no key has a stale value; otherwise a stop to call when the load has ended,
+// which returns once the timer's callback, if it started, has finished (Close waits for the batch,
+// and so for the callback too).
+func (c *Cache[V]) softTimeoutBatch(keys []Key, fs []*flight[V], todo []int32, stale []*l1entry[V]) (stop func()) {
+	if c.softTimeout == 0 {
+		return nil
+	}
+	var withStale []int32
+	for _, i := range todo {
+		if s := stale[i]; s != nil && !s.negative {
+			withStale = append(withStale, i)
+		}
+	}
+	if len(withStale) == 0 {
+		return nil
+	}
+	fired := make(chan struct{})
+	t := time.AfterFunc(c.softTimeout, func() {
+		defer close(fired)
+		now, served := preciseNow(), false
+		for _, i := range withStale {
+			if s := stale[i]; c.inv.of(keys[i]) == fs[i].seq && s.staleUntil > now {
+				c.flights.publish(fs[i], s.val, nil, true)
+				served = true
+			}
+		}
+		if served { // the load goes on in the background for the callers that have their answer
+			c.stats.refreshes.Add(1)
+		}
+	})
+	return func() {
+		if !t.Stop() {
+			<-fired
+		}
+	}
+}
 
 // registerBatch registers the keys todo with their entities and tags, and reads each once more,
 // in one round trip: another instance may have stored one since the batch read. It settles the
