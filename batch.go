@@ -51,8 +51,13 @@ func (c *Cache[V]) GetMany(ctx context.Context, ks []Key) (vals []V, found []boo
 // cached. Redis round trips do not grow with the number of keys: one to read, one to register the
 // keys to load with their entities and tags, and one to write and verify them.
 //
-// Unlike GetOrLoad, the load takes no lease in Redis (as with Options.LocalLoadsOnly): other
-// instances missing the same keys at the same moment load them too. Options.LoadTimeout applies,
+// As GetOrLoad's, the load takes each key's lease in Redis (unless Options.LocalLoadsOnly), in
+// the registration's round trip, so that instances missing the same keys at the same moment do not
+// all load them: the keys whose leases this call takes go to load at once, and those whose leases
+// another instance holds are waited for, polled together, and get that instance's values. Those it
+// did not store (its load failed) go to a second call of load, under leases this call takes then;
+// so load runs at most twice. A wait ends at Options.LockTTL, and when Redis fails: the keys left
+// are then loaded here. Options.LoadTimeout applies,
 // and so does Options.StaleTTL's fail-safe when load fails (a key with a stale value gets it).
 // So does Options.SoftLoadTimeout: past it, a key with a stale value at hand gets it while the
 // load goes on and stores its results when it ends; the other keys wait for the load.

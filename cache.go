@@ -113,7 +113,8 @@ type Options struct {
 	// LocalLoadsOnly turns off the distributed stampede protection, which is on whenever Redis is
 	// set: when instances miss the same key at once, one takes a lease in Redis (SET NX PX with a
 	// token) and loads; the others wait for its value and read it from Redis. A lease whose holder
-	// died expires after LockTTL, and another instance loads.
+	// died expires after LockTTL, and another instance loads. GetOrLoad and GetOrLoadMany both
+	// take leases.
 	LocalLoadsOnly bool
 	// LockTTL is the lifetime of a load's lease. 0 means LoadTimeout plus a second, or 10 s without
 	// LoadTimeout.
