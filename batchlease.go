@@ -35,7 +35,7 @@ func (c *Cache[V]) releaseLeasesLater(ks []Key, rs []registered) {
 	var mine []Key
 	var tokens []string
 	for i, r := range rs {
-		if r.lease != "" && !r.leaseBusy {
+		if r.lease != "" { // a busy one may be this call's own (a retried SET took it)
 			mine, tokens = append(mine, ks[i]), append(tokens, r.lease)
 		}
 	}

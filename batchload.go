@@ -276,7 +276,7 @@ func (b *batchFlight[V]) register(ctx context.Context, todo []int32) []int32 {
 				c.fillL1(k, e, b.fs[i].seq)
 				v, err := c.result(e)
 				b.settle(i, v, err, false)
-				if b.leases != nil && b.leases[i].token != "" && !b.leases[i].busy {
+				if b.leases != nil && b.leases[i].token != "" { // a busy one may be this call's own
 					hits, hitTokens = append(hits, k), append(hitTokens, b.leases[i].token)
 				}
 				continue

@@ -215,7 +215,9 @@ func (r *flightRead[V]) judge(ctx context.Context, e *l1entry[V], fresh bool, er
 	switch {
 	case fresh && (r.current == nil || e.expMs > r.current.expMs): // not the value being refreshed
 		c.l2.debug(ctx, "GET", r.rkey, "HIT")
-		c.stats.l2Hits.Add(1)
+		if r.current == nil { // an early refresh is not a lookup: its caller counted an L1 hit
+			c.stats.l2Hits.Add(1)
+		}
 		c.fillL1(r.k, e, r.seq)
 		v, err := c.result(e)
 		c.flights.publish(r.f, v, err, false)
@@ -293,7 +295,6 @@ func (c *Cache[V]) runFlightFrom(callerCtx context.Context, k Key, f *flight[V],
 			c.flights.release(k, f)
 		}
 	}()
-	publish := func(v V, err error) { c.flights.publish(f, v, err, false) }
 
 	seq := f.seq // k's invalidation sequence when the flight began
 	var st flightStart[V]
@@ -340,6 +341,9 @@ func (c *Cache[V]) runFlightFrom(callerCtx context.Context, k Key, f *flight[V],
 			case err != nil: // failing, or refusing the bookkeeping (OOM at maxmemory with noeviction)
 				c.countL2Error(err)
 				if ls.busy { // Redis is failing: load here rather than wait on it
+					// A busy lease may be this flight's own (go-redis retried its SET after a
+					// lost reply): its release deletes it only if so.
+					c.releaseLeaseLater(k, ls.token)
 					ls = leaseState{}
 				}
 				slow := failedSlowly(err)
@@ -376,7 +380,10 @@ func (c *Cache[V]) runFlightFrom(callerCtx context.Context, k Key, f *flight[V],
 					c.noteL2Read(hit)
 				}
 				if hit {
-					if ls.token != "" && !ls.busy {
+					switch {
+					case ls.busy: // most likely another holder's, but possibly this flight's own
+						c.releaseLeaseLater(k, ls.token)
+					case ls.token != "":
 						c.releaseLease(ctx, k, ls.token)
 					}
 					return
@@ -393,13 +400,17 @@ func (c *Cache[V]) runFlightFrom(callerCtx context.Context, k Key, f *flight[V],
 	obtain := func() (V, error) { return c.obtain(ctx, k, load, so, reg, ls, l2ok, absent, seq) }
 	if current != nil { // an early refresh: nobody waits, and the current value stays
 		v, err := obtain()
+		stale := false
 		if err != nil && !errors.Is(err, ErrNotFound) {
 			c.postponeRefresh(k, current, seq)
-			if current.exp > preciseNow() && c.inv.of(k) == seq { // callers who joined get what they would have hit
-				v, err = current.val, nil
+			// Callers who joined get what they would have hit, or, if the value expired in L1
+			// meanwhile, what the fail-safe would have given them: the value within StaleTTL.
+			now := preciseNow()
+			if c.inv.of(k) == seq && !current.negative && (current.exp > now || (c.staleTTL > 0 && current.staleUntil > now)) {
+				v, err, stale = current.val, nil, current.exp <= now
 			}
 		}
-		publish(v, err)
+		c.flights.publish(f, v, err, stale)
 		return
 	}
 	if stale == nil || c.softTimeout == 0 {
@@ -539,7 +550,10 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 	// held is the lease this load holds until its write releases it (or, if it makes none, the
 	// deferred release does).
 	var held *heldLease
-	if ls.token != "" && !ls.busy {
+	if ls.token != "" && (!ls.busy || !l2ok) {
+		// A busy lease this flight will not wait on (Redis failed its registration) may be its
+		// own, taken by a SET that go-redis retried after a lost reply: the deferred release
+		// deletes it only if so.
 		held = &heldLease{token: ls.token}
 	}
 	defer func() {

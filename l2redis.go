@@ -437,7 +437,10 @@ func genReply(cmd *redis.StringCmd) (gen uint64, ok bool, err error) {
 // ordered runs steps so that each finishes before the next starts: in one pipeline on a single
 // Redis (which executes one connection's commands in order), or one round trip per step when the
 // keys may live on different nodes (Cluster, Ring). Invalidation and the verify-after-write of
-// loads rely on this order. A redis.Nil reply (an absent key) is not an error here.
+// loads rely on this order. Once the first step has been sent, the others are not cut short by
+// ctx's end (Close, a caller leaving, a load's timeout): a write left unverified, or an
+// invalidation half done, would leave a stale value; each step is still bounded by L2Timeout. A
+// redis.Nil reply (an absent key) is not an error here.
 func (l *l2) ordered(ctx context.Context, steps ...func(redis.Pipeliner)) error {
 	if _, single := l.rdb.(*redis.Client); single {
 		return l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) {
@@ -446,7 +449,10 @@ func (l *l2) ordered(ctx context.Context, steps ...func(redis.Pipeliner)) error 
 			}
 		})
 	}
-	for _, s := range steps {
+	for i, s := range steps {
+		if i == 1 {
+			ctx = context.WithoutCancel(ctx)
+		}
 		if err := l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) { s(p) }); err != nil {
 			return err
 		}

@@ -591,7 +591,9 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 		return kept
 	}
 	// Moved, or unknown: the writes may be stale, so take them back, and make sure no instance
-	// keeps a copy it read in between.
+	// keeps a copy it read in between. The writes may have landed, so this goes on even if the
+	// load's context has ended since (Close, LoadTimeout): each call is bounded by L2Timeout.
+	ctx = context.WithoutCancel(ctx)
 	items := make([]string, len(back))
 	for j, i := range back {
 		c.delUnreadable(ctx, rkeys[i], ws[i].data)
