@@ -98,7 +98,7 @@ func (l *l2) read(ctx context.Context, key, genKey string) (readReply, error) {
 	}
 	if err := ctx.Err(); err != nil {
 		b.mu.Unlock()
-		return readReply{}, err // the caller has left: do not queue, as call would not ask
+		return readReply{}, &leftQueue{err} // the caller has left: do not queue, as call would not ask
 	}
 	p := &pendingRead{ctx: ctx, keys: [2]string{key, genKey}, n: 1, ready: make(chan struct{}, 1)}
 	if genKey != "" {

@@ -28,11 +28,14 @@ import (
 //     the read is made again at once through the pool, whose check finds the dead ones: the caller
 //     sees a read, as the pool would have given it. A timeout is not made again: Redis is slow,
 //     not the connection dead, and a second wait would only add to the read's latency.
-//   - The pool's limits. A held connection is given back once ConnMaxLifetime has passed since it
-//     was taken, or when it has been idle for ConnMaxIdleTime; and after heldConnMaxAge whatever
-//     the pool's settings, so that whatever go-redis does with the pool's connections over time
-//     (moving them off a node that a DNS failover demoted, a maintenance handoff) reaches the held
-//     ones within that time.
+//   - The pool's limits. A held connection is given back once half of ConnMaxLifetime has passed
+//     since it was taken (the pool does not say how long it had lived already, so it lives at most
+//     1.5 times ConnMaxLifetime in all), or when it has been idle for ConnMaxIdleTime; and after
+//     heldConnMaxAge whatever the pool's settings, so that whatever go-redis does with the pool's
+//     connections over time (moving them off a node that a DNS failover demoted, a maintenance
+//     handoff) reaches the held ones within that time. Each read gives back every free connection
+//     past these limits, so a Cache that stops reading Redis keeps its connections until its next
+//     read or Close.
 //   - Hooks. A redis.Conn runs the client's hooks as they were when it was made, and a Cache makes
 //     its connections when its first reads need them: hooks added to the client before the Cache's
 //     first Redis read see every read; hooks added later see reads on held connections only once
@@ -101,7 +104,9 @@ func (r *readConns) init(client *redis.Client, n int) {
 	r.client, r.max = client, n
 	r.maxLife, r.maxIdle = int64(heldConnMaxAge), int64(o.ConnMaxIdleTime)
 	if o.ConnMaxLifetime > 0 {
-		r.maxLife = min(r.maxLife, int64(o.ConnMaxLifetime))
+		// go-redis does not say how long a pooled connection has lived already: held for half
+		// ConnMaxLifetime, a connection lives at most 1.5 times it in all.
+		r.maxLife = min(r.maxLife, int64(o.ConnMaxLifetime/2))
 	}
 }
 
@@ -111,27 +116,41 @@ func (r *readConns) take() *heldConn {
 	if r.client == nil {
 		return nil
 	}
+	now := coarseNow()
 	r.mu.Lock()
+	// Every free connection past its lifetime or idle time goes back to the pool, not only the one
+	// this read would take: serial reads reuse the last one given back, and after a burst the others
+	// would otherwise stay out of the pool, idle, for as long as the reads stay serial.
+	var old []*heldConn
+	kept := r.free[:0]
+	for _, h := range r.free {
+		if r.expired(h, now) {
+			old = append(old, h)
+			r.n--
+		} else {
+			kept = append(kept, h)
+		}
+	}
+	clear(r.free[len(kept):])
+	r.free = kept
 	var h *heldConn
+	dial := false
 	switch n := len(r.free); {
 	case n > 0:
 		h = r.free[n-1]
 		r.free = r.free[:n-1]
 	case !r.closed && r.n < r.max:
 		r.n++
-	default:
-		r.mu.Unlock()
-		return nil
+		dial = true
 	}
 	r.mu.Unlock()
-	now := coarseNow()
-	if h != nil {
-		if !r.expired(h, now) {
-			return h
-		}
-		_ = h.Close() // back to the pool, which checks it as it checks its own
+	for _, o := range old {
+		_ = o.Close() // back to the pool, which checks it as it checks its own
 	}
-	return &heldConn{Conn: r.client.Conn(), born: now, used: now}
+	if dial {
+		h = &heldConn{Conn: r.client.Conn(), born: now, used: now}
+	}
+	return h // nil: go through the pool
 }
 
 func (r *readConns) expired(h *heldConn, now int64) bool {

@@ -30,7 +30,7 @@ type l2 struct {
 // key) is a reply, not an error, to the breaker.
 func (l *l2) call(ctx context.Context, f func(ctx context.Context) error) error {
 	if err := ctx.Err(); err != nil {
-		return err // the caller has left: do not ask Redis, and do not count it
+		return &leftQueue{err} // the caller has left: do not ask Redis, and do not count it
 	}
 	if !l.brk.allow() {
 		return ErrBreakerOpen
