@@ -169,9 +169,10 @@ func (b *batchFlight[V]) readReleased(ctx context.Context, idx []int32) (rest []
 func (b *batchFlight[V]) acquire(ctx context.Context, idx []int32) (busy, mine []int32) {
 	c := b.c
 	sets := make([]*redis.StatusCmd, len(idx))
+	token := newLeaseToken() // one for all: this call holds them
 	_ = c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
 		for j, i := range idx {
-			b.leases[i] = leaseState{token: newLeaseToken()}
+			b.leases[i] = leaseState{token: token}
 			sets[j] = redis.NewStatusCmd(ctx, "set", c.leaseKey(b.keys[i]), b.leases[i].token, "px", c.lockTTL.Milliseconds(), "nx")
 			_ = p.Process(ctx, sets[j])
 		}

@@ -246,3 +246,27 @@ func TestGetOrLoadManyWaitEndsAtClose(t *testing.T) {
 	}
 	<-closed
 }
+
+// TestGetOrLoadManyLeasesGoAfterADeleteDuringTheLoad: a Delete of one key during a batch's load
+// keeps that key's load out of Redis, and every lease of the batch is gone afterwards: the others
+// released with their writes, the moved one after its write was taken back.
+func TestGetOrLoadManyLeasesGoAfterADeleteDuringTheLoad(t *testing.T) {
+	e := newEnv(t)
+	c, other := newCache[ImageMeta](e, e.opts()), newCache[ImageMeta](e, e.opts())
+	ks := coverKeys("deleted", 3)
+	load := func(ctx context.Context, missing []Key) (map[Key]ImageMeta, error) {
+		if err := other.Delete(ctx, ks[1]); err != nil {
+			return nil, err
+		}
+		return (&countingBatchLoader{}).load(ctx, missing)
+	}
+	if _, found, err := c.GetOrLoadMany(ctx, ks, load); err != nil || !found[0] || !found[1] || !found[2] {
+		t.Fatalf("GetOrLoadMany: %v, %v", found, err)
+	}
+	assertNoLeases(t, e, c, ks)
+	for i, k := range ks {
+		if got := e.raw(k) != ""; got != (i != 1) {
+			t.Errorf("%v in Redis: %v, want %v", k, got, i != 1)
+		}
+	}
+}

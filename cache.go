@@ -326,7 +326,7 @@ func New[V any](opts Options) (*Cache[V], error) {
 	c.instance = rand.Uint64()
 	acquireClock()
 	if c.l2 != nil {
-		c.l2.loadScripts(c.base, registerScript, releaseIfUnchangedScript, releaseLeaseScript)
+		c.l2.loadScripts(c.base, registerScript, releaseIfUnchangedScript, releaseManyIfUnchangedScript, releaseLeaseScript)
 		c.startBus()
 	}
 	return c, nil

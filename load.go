@@ -384,9 +384,9 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 	entityCmds := make([]*redis.Cmd, len(ks))
 	tagCmds := make([]*redis.Cmd, len(ks)*len(tags))
 	var leaseCmds []*redis.StatusCmd
-	var tokens []string
+	var token string // one for all the keys: this call is their leases' holder
 	if lease {
-		leaseCmds, tokens = make([]*redis.StatusCmd, len(ks)), make([]string, len(ks))
+		leaseCmds, token = make([]*redis.StatusCmd, len(ks)), newLeaseToken()
 	}
 	// The generations the scripts return are current: trusted from then on (gens.go), unless an
 	// invalidation runs meanwhile.
@@ -411,8 +411,7 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 				tagCmds[i*len(tags)+j] = scripts.run(ctx, p, registerScript, []string{c.l2.tagMeta(t)}, newGeneration(), metaMs, ks, "0", ttl.Milliseconds())
 			}
 			if lease {
-				tokens[i] = newLeaseToken()
-				leaseCmds[i] = redis.NewStatusCmd(ctx, "set", c.leaseKey(k), tokens[i], "px", c.lockTTL.Milliseconds(), "nx")
+				leaseCmds[i] = redis.NewStatusCmd(ctx, "set", c.leaseKey(k), token, "px", c.lockTTL.Milliseconds(), "nx")
 				_ = p.Process(ctx, leaseCmds[i])
 			}
 		}
@@ -429,11 +428,11 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 			// token is kept for a release (which deletes only a lease that holds it).
 			switch err := leaseCmds[i].Err(); {
 			case err == nil || !isReply(err):
-				rs[i].lease = tokens[i]
+				rs[i].lease = token
 			case errors.Is(err, redis.Nil):
 				// NX: another holder has it, or this very token does (go-redis retried the SET
 				// after a lost reply); the wait tells them apart.
-				rs[i].lease, rs[i].leaseBusy = tokens[i], true
+				rs[i].lease, rs[i].leaseBusy = token, true
 			}
 		}
 	}
@@ -495,6 +494,23 @@ if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('HGET', KEYS[2], 'd') ==
 end
 return 0`)
 
+// releaseManyIfUnchangedScript is releaseIfUnchangedScript for the many leases of a batch's
+// writes, in one call: a script call costs Redis several microseconds of its own, and a batch of
+// 100 keys spent most of that on its releases. KEYS[1] is the pattern epoch and ARGV[1] the value
+// the loads registered under; then each lease's key and meta hash (KEYS[2i], KEYS[2i+1]), token
+// and delete epoch (ARGV[2i], ARGV[2i+1]). It returns 1 or 0 per lease, in order.
+var releaseManyIfUnchangedScript = redis.NewScript(`
+local same = (redis.call('GET', KEYS[1]) or '') == ARGV[1]
+local out = {}
+for i = 2, #KEYS, 2 do
+	local r = 0
+	if same and redis.call('GET', KEYS[i]) == ARGV[i] and redis.call('HGET', KEYS[i + 1], 'd') == ARGV[i + 1] then
+		r = redis.call('DEL', KEYS[i])
+	end
+	out[#out + 1] = r
+end
+return out`)
+
 // writeVerified writes loaded values so that none survives a Delete, Set or InvalidatePattern that
 // moved the epochs it registered under while it loaded; kept[i] is false for a value that was not
 // kept (L1 drops it). Invalidations by entity or tag need no check: they move a generation, and the
@@ -525,6 +541,8 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 	// releases let them go after the write.
 	_, single := c.l2.rdb.(*redis.Client)
 	releases := make([]*redis.Cmd, len(ws))
+	var releaseMany *redis.Cmd // a batch's: one call for all of its leases
+	var manyOf []int           // the writes whose leases releaseMany releases, in order
 	var scripts scriptCalls
 	_ = c.l2.ordered(ctx, // l2.ordered applies the L2Timeout budget; replies are read per command
 		func(p redis.Pipeliner) {
@@ -534,13 +552,29 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 			}
 		},
 		func(p redis.Pipeliner) {
+			var keys []string
+			var args []any
 			for i, w := range ws {
 				meta := c.l2.entityMetaOf(w.k)
 				ds[i] = p.HGet(ctx, meta, "d")
-				if single && w.lease != nil {
+				switch {
+				case !single || w.lease == nil:
+				case len(ws) == 1 || (keys != nil && args[0] != any(w.reg.epoch)):
+					// One lease; or (never, as batches register together) one under another epoch.
 					releases[i] = scripts.run(ctx, p, releaseIfUnchangedScript,
 						[]string{c.leaseKey(w.k), meta, c.l2.epochKey()}, w.lease.token, w.reg.d, w.reg.epoch)
+				default:
+					if keys == nil {
+						// A batch's loads registered together, under one pattern epoch.
+						keys, args = []string{c.l2.epochKey()}, []any{w.reg.epoch}
+					}
+					keys = append(keys, c.leaseKey(w.k), meta)
+					args = append(args, w.lease.token, w.reg.d)
+					manyOf = append(manyOf, i)
 				}
+			}
+			if keys != nil {
+				releaseMany = scripts.run(ctx, p, releaseManyIfUnchangedScript, keys, args...)
 			}
 			epoch = p.Get(ctx, c.l2.epochKey())
 		})
@@ -550,6 +584,13 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 	for i, r := range releases {
 		if r != nil && r.Val() == int64(1) {
 			ws[i].lease.released = true
+		}
+	}
+	if releaseMany != nil {
+		if rs, err := releaseMany.Int64Slice(); err == nil && len(rs) == len(manyOf) {
+			for j, i := range manyOf {
+				ws[i].lease.released = rs[j] == 1
+			}
 		}
 	}
 	epochNow, epochErr := epoch.Result()
