@@ -87,8 +87,8 @@ func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32) (load
 		case <-time.After(wait):
 		}
 		// Only a released lease means its holder is done (its write may still be taken back until
-		// then): one round trip reads every lease, and the values and generations of the keys
-		// whose leases have gone.
+		// then): one round trip reads every lease, and one more the values and generations of the
+		// keys whose leases have gone.
 		holders := make([]*redis.StringCmd, len(waiting))
 		if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
 			for j, i := range waiting {
