@@ -55,10 +55,10 @@ func (c *Cache[V]) GetMany(ctx context.Context, ks []Key) (vals []V, found []boo
 // the registration's round trip, so that instances missing the same keys at the same moment do not
 // all load them: the keys whose leases this call takes go to load at once, and those whose leases
 // another instance holds are waited for, polled together, and get that instance's values. Those it
-// did not store (its load failed) go to a second call of load, under leases this call takes then;
-// so load runs at most twice. A wait ends at Options.LockTTL, and when Redis fails: the keys left
-// are then loaded here. Options.LoadTimeout applies,
-// and so does Options.StaleTTL's fail-safe when load fails (a key with a stale value gets it).
+// did not store (its load failed) go to another call of load as soon as this call has taken their
+// leases, one call per poll that frees some. A wait ends at Options.LockTTL, and when Redis fails:
+// the keys left are then loaded here. Options.LoadTimeout applies to each call of load, and so
+// does Options.StaleTTL's fail-safe when load fails (a key with a stale value gets it).
 // So does Options.SoftLoadTimeout: past it, a key with a stale value at hand gets it while the
 // load goes on and stores its results when it ends; the other keys wait for the load.
 //
@@ -93,6 +93,16 @@ func (c *Cache[V]) GetOrLoadMany(ctx context.Context, ks []Key, load func(ctx co
 			}
 		}
 	}
+	// The stale values the read finds are kept for the fail-safe and the soft timeout, which serve
+	// one only if no invalidation of its key has run since: since the read, not only since the
+	// flights' claim after it.
+	var before []uint64
+	if c.staleTTL > 0 {
+		before = make([]uint64, len(ks))
+		for i, k := range ks {
+			before[i] = c.inv.of(k)
+		}
+	}
 	b := c.readBatch(ctx, ks, vals, found, refresh)
 	if len(b.left) == 0 {
 		return vals, found, nil
@@ -101,6 +111,11 @@ func (c *Cache[V]) GetOrLoadMany(ctx context.Context, ks []Key, load func(ctx co
 	fs, joined, err := c.flights.claim(keys)
 	if err != nil {
 		return vals, found, err
+	}
+	for j, x := range of {
+		if stale[x] != nil && before[b.left[j]] != fs[x].seq {
+			stale[x] = nil // an invalidation ran between the read and the claim
+		}
 	}
 	own := make([]int32, 0, len(keys))
 	for i := range keys {

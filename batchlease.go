@@ -66,24 +66,24 @@ func (b *batchFlight[V]) releaseHeld(ctx context.Context, idx []int32, held []*h
 // awaitLeases waits, as awaitLease does for one key, for the leases of the keys waiting, which
 // other holders have, polling them all in one round trip with a growing interval. A key whose
 // holder stored its value gets it (filling L1); a key whose lease went without a value has its
-// lease taken here if it can (or waits again for the new holder's). It returns the keys left to
-// load here: those whose leases it now holds (leases[i] then says so), and those it stopped waiting
-// for, with no lease: when Redis fails, and when LockTTL has passed since the wait began (whatever
-// Redis says, as awaitLease). If ctx ends (Close), the keys still waiting fail with its error.
-func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32) (load []int32) {
+// lease taken here if it can (or waits again for the new holder's). It returns as soon as there
+// are keys to load here (load), with the keys still waiting (still): those whose leases it now
+// holds (leases[i] then says so), and those it stopped waiting for, with no lease: when Redis
+// fails, and from giveUp (LockTTL after the wait began, whatever Redis says, as awaitLease). If
+// ctx ends (Close), the keys still waiting fail with its error.
+func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32, giveUp time.Time) (load, still []int32) {
 	c, keys := b.c, b.keys
-	giveUp := time.Now().Add(c.lockTTL)
 	noLease := func(idx []int32) {
 		for _, i := range idx {
 			b.leases[i] = leaseState{}
 		}
 		load = append(load, idx...)
 	}
-	for wait := time.Millisecond; len(waiting) > 0; wait = min(wait*2, 50*time.Millisecond) {
+	for wait := time.Millisecond; len(waiting) > 0 && len(load) == 0; wait = min(wait*2, 50*time.Millisecond) {
 		select {
 		case <-ctx.Done():
 			b.fail(waiting, c.loadFailed(fmt.Sprintf("%d keys", len(waiting)), ctx.Err()))
-			return load
+			return nil, nil
 		case <-time.After(wait):
 		}
 		// Only a released lease means its holder is done (its write may still be taken back until
@@ -96,11 +96,11 @@ func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32) (load
 			}
 		}); err != nil {
 			noLease(waiting) // Redis is failing: load here
-			return load
+			return load, nil
 		}
 		past := !time.Now().Before(giveUp)
 		var gone []int32
-		still := waiting[:0]
+		still = make([]int32, 0, len(waiting))
 		for j, i := range waiting {
 			switch h, err := holders[j].Result(); {
 			case err == nil && h == b.leases[i].token: // this very token (a retried SET took it)
@@ -125,7 +125,7 @@ func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32) (load
 		}
 		waiting = still
 	}
-	return load
+	return load, waiting
 }
 
 // readReleased reads, in one round trip, the values of the keys idx whose leases have gone, and

@@ -270,3 +270,59 @@ func TestGetOrLoadManyLeasesGoAfterADeleteDuringTheLoad(t *testing.T) {
 		}
 	}
 }
+
+// A batch that takes, mid-wait, the lease of a key whose holder released it without a value
+// (awaitLeases -> acquire) holds that lease idle until its other keys' waits end (up to LockTTL),
+// and only then loads the key. Another instance waiting on that lease gives up at its LockTTL
+// (or the lease expires under it on a real Redis) and loads the key too: two loads across
+// instances with Redis healthy.
+func TestGetOrLoadManyLoadsUnderALeaseAsSoonAsItTakesIt(t *testing.T) {
+	e := newEnv(t)
+	opts := e.opts()
+	opts.LockTTL = 600 * time.Millisecond
+	a := newCache[ImageMeta](e, opts)
+	b := newCache[ImageMeta](e, opts)
+	ks := coverKeys("idle", 2)
+	x, y := ks[0], ks[1]
+	// Two other instances are loading x and y.
+	if err := e.rdb.Set(ctx, a.leaseKey(x), "holder-x", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.Set(ctx, a.leaseKey(y), "holder-y", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	la := &countingBatchLoader{delay: 300 * time.Millisecond}
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := a.GetOrLoadMany(ctx, ks, la.load)
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // a waits for both leases
+	// x's holder failed: its lease goes, with no value. a takes it.
+	if err := e.rdb.Del(ctx, a.leaseKey(x)).Err(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, func() error {
+		if v, _ := e.rdb.Get(ctx, a.leaseKey(x)).Result(); v == "" {
+			return errors.New("a has not taken x's lease")
+		}
+		return nil
+	})
+	// b wants x now: a holds its lease, so b waits for a's load.
+	var bLoads atomic.Int32
+	if _, err := b.GetOrLoad(ctx, x, func(context.Context) (ImageMeta, error) {
+		bLoads.Add(1)
+		return metaV(x.String(), 2), nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	la.mu.Lock()
+	aLoads := la.loads[x]
+	la.mu.Unlock()
+	if n := aLoads + int(bLoads.Load()); n != 1 {
+		t.Errorf("x loaded %d times across instances (a %d, b %d), want 1: a held x's lease idle while it waited for y's", n, aLoads, bLoads.Load())
+	}
+}

@@ -17,8 +17,8 @@ import (
 // With leases (the default with Redis), the registration takes each key's lease as GetOrLoad's
 // does. The keys whose leases it holds, or that have none (LocalLoadsOnly, Redis failing), go to
 // one call of load; then the keys whose leases other holders have are waited for together
-// (awaitLeases), and those that no holder stored go to a second call. So load runs at most twice
-// per batch, and no key is loaded by two instances at once while Redis is healthy.
+// (awaitLeases), and each time some come free without a value, their leases are taken and they go
+// to another call at once. So no key is loaded by two instances at once while Redis is healthy.
 func (c *Cache[V]) loadBatch(callerCtx context.Context, keys []Key, fs []*flight[V], own []int32, stale []*l1entry[V], load batchLoader[V], so setOptions) {
 	lctx := newLoadCtx(context.WithoutCancel(callerCtx), c.base)
 	var ctx context.Context = lctx
@@ -71,8 +71,14 @@ func (c *Cache[V]) loadBatch(callerCtx context.Context, keys []Key, fs []*flight
 		}
 	}
 	b.loadAndStore(ctx, now)
-	if len(waiting) > 0 {
-		b.loadAndStore(ctx, b.awaitLeases(ctx, waiting))
+	// A lease taken while waiting is loaded under at once, as obtain does: held idle while the
+	// other keys are waited for, it could expire, or keep another instance waiting until it gives
+	// up and loads the key too.
+	giveUp := time.Now().Add(c.lockTTL)
+	for len(waiting) > 0 {
+		var next []int32
+		next, waiting = b.awaitLeases(ctx, waiting, giveUp)
+		b.loadAndStore(ctx, next)
 	}
 }
 
@@ -212,9 +218,8 @@ func (c *Cache[V]) softTimeoutBatch(keys []Key, fs []*flight[V], todo []int32, s
 		defer close(fired)
 		now, served := preciseNow(), false
 		for _, i := range withStale {
-			if s := stale[i]; c.inv.of(keys[i]) == fs[i].seq && s.staleUntil > now {
-				c.flights.publish(fs[i], s.val, nil, true)
-				served = true
+			if s := stale[i]; c.inv.of(keys[i]) == fs[i].seq && s.staleUntil > now && c.flights.publish(fs[i], s.val, nil, true) {
+				served = true // not for a key settled already
 			}
 		}
 		if served { // the load goes on in the background for the callers that have their answer

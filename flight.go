@@ -116,18 +116,19 @@ func (g *flightGroup[V]) tryStart(k Key, start func(*flight[V])) bool {
 }
 
 // publish hands the flight's result to its callers, present and future: callers that join the
-// flight after publish get the result at once. A flight publishes once; later calls are ignored.
-// Callers store the result in the cache before they publish.
-func (g *flightGroup[V]) publish(f *flight[V], val V, err error, stale bool) {
+// flight after publish get the result at once. A flight publishes once; later calls are ignored,
+// and report false. Callers store the result in the cache before they publish.
+func (g *flightGroup[V]) publish(f *flight[V], val V, err error, stale bool) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	select {
 	case <-f.done:
-		return
+		return false
 	default:
 	}
 	f.val, f.err, f.stale = val, err, stale
 	close(f.done)
+	return true
 }
 
 // release removes the flight, so that the next caller of k starts afresh. A flight can publish
