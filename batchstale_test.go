@@ -7,35 +7,26 @@ import (
 	"time"
 )
 
-// README (Batch reads, Soft timeout): a key gets its stale value past SoftLoadTimeout only if it
-// was "not invalidated since the call began". A Delete that runs after the batch's read of Redis
-// (which found the stale value) but before the batch claims its flights is not seen: the flight's
-// sequence is taken at the claim, after the Delete, so the deleted value is served.
-func TestGetOrLoadManySoftTimeoutSkipsAValueDeletedDuringTheCall(t *testing.T) {
+// deleteDuringBatchRead stores k's value (version 1) with a short TTL and lets it go stale (within
+// StaleTTL, so that the fail-safe and the soft timeout may serve it). Then a GetOrLoadMany of k
+// runs on a second instance with load, and k is deleted after the batch's read of Redis found the
+// stale value and before the batch claimed its flight. It returns the batch's answer for k.
+func deleteDuringBatchRead(t *testing.T, k Key, soft time.Duration, load func(context.Context, []Key) (map[Key]ImageMeta, error)) (ImageMeta, bool, error) {
+	t.Helper()
 	e := newNodeEnv(t)
-	k := NewKey("artist", "predel")
 	hold := newHold("mget", "", true) // held after the batch's read of Redis ran
 	opts := e.opts()
 	opts.StaleTTL = time.Minute
-	opts.SoftLoadTimeout = 50 * time.Millisecond
+	opts.SoftLoadTimeout = soft
 	w := newCache[ImageMeta](e, opts)
 	aopts := opts
 	aopts.Redis = heldClient(t, e, hold)
 	a := newCache[ImageMeta](e, aopts)
-	if _, err := w.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("predel", 1), nil }, WithTTL(100*time.Millisecond)); err != nil {
+	if _, err := w.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV(k.ID(), 1), nil }, WithTTL(100*time.Millisecond)); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(150 * time.Millisecond)
 	e.advance(150 * time.Millisecond) // expired: stale in Redis, within StaleTTL
-	release := make(chan struct{})
-	defer close(release)
-	slow := func(_ context.Context, ks []Key) (map[Key]ImageMeta, error) {
-		select {
-		case <-release:
-		case <-time.After(2 * time.Second):
-		}
-		return map[Key]ImageMeta{k: metaV("predel", 2)}, nil
-	}
 	type result struct {
 		v     ImageMeta
 		found bool
@@ -43,7 +34,7 @@ func TestGetOrLoadManySoftTimeoutSkipsAValueDeletedDuringTheCall(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		vals, found, err := a.GetOrLoadMany(ctx, []Key{k}, slow)
+		vals, found, err := a.GetOrLoadMany(ctx, []Key{k}, load)
 		done <- result{vals[0], found[0], err}
 	}()
 	select {
@@ -51,20 +42,42 @@ func TestGetOrLoadManySoftTimeoutSkipsAValueDeletedDuringTheCall(t *testing.T) {
 	case <-time.After(2 * time.Second):
 		t.Fatal("the batch's read of Redis never ran")
 	}
-	if err := a.Delete(ctx, k); err != nil { // during the call
+	if err := a.Delete(ctx, k); err != nil {
 		t.Fatal(err)
 	}
 	close(hold.release)
 	r := <-done
-	if r.err == nil && r.found && r.v.ETag == metaV("predel", 1).ETag {
-		t.Errorf("GetOrLoadMany served the value a Delete during the call removed (%s), past the soft timeout", r.v.ETag)
+	return r.v, r.found, r.err
+}
+
+// TestGetOrLoadManySoftTimeoutSkipsAValueDeletedDuringTheCall: past SoftLoadTimeout a key gets its
+// stale value only if it was not invalidated since the call began, here between the batch's read
+// of Redis and its claim of the key's flight.
+func TestGetOrLoadManySoftTimeoutSkipsAValueDeletedDuringTheCall(t *testing.T) {
+	k := NewKey("artist", "predel")
+	slow := func(_ context.Context, ks []Key) (map[Key]ImageMeta, error) {
+		time.Sleep(200 * time.Millisecond) // past the soft timeout
+		return map[Key]ImageMeta{k: metaV(k.ID(), 2)}, nil
+	}
+	if v, found, err := deleteDuringBatchRead(t, k, 50*time.Millisecond, slow); err == nil && found && v.ETag == metaV(k.ID(), 1).ETag {
+		t.Errorf("GetOrLoadMany served the value a Delete during the call removed (%s), past the soft timeout", v.ETag)
 	}
 }
 
-// Stats.Refreshes counts "background loads started by ... a soft timeout". A batch whose stale key
-// was loaded and answered before the soft timeout fired, while another key (no stale value) still
-// waits for another instance's lease, starts no background load and serves no stale value; yet
-// the timer's callback counts a refresh (it "publishes" to a flight settled already).
+// TestGetOrLoadManyFailSafeSkipsAValueDeletedDuringTheCall: the fail-safe, as the soft timeout,
+// serves no stale value that a Delete between the batch's read and its claim removed.
+func TestGetOrLoadManyFailSafeSkipsAValueDeletedDuringTheCall(t *testing.T) {
+	failing := func(context.Context, []Key) (map[Key]ImageMeta, error) { return nil, errors.New("database down") }
+	k := NewKey("artist", "predelfs")
+	if v, found, err := deleteDuringBatchRead(t, k, 0, failing); err == nil && found && v.ETag == metaV(k.ID(), 1).ETag {
+		t.Errorf("the fail-safe served the value a Delete during the call removed (%s)", v.ETag)
+	}
+}
+
+// TestGetOrLoadManySoftTimeoutCountsNoRefreshWhenNothingWasServed: Stats.Refreshes counts the
+// background loads a soft timeout leaves running. A batch whose stale key was loaded and answered
+// before the soft timeout fired, while another key (no stale value) still waits for another
+// instance's lease, serves no stale value and counts no refresh.
 func TestGetOrLoadManySoftTimeoutCountsNoRefreshWhenNothingWasServed(t *testing.T) {
 	e := newEnv(t)
 	opts := e.opts()
@@ -96,48 +109,5 @@ func TestGetOrLoadManySoftTimeoutCountsNoRefreshWhenNothingWasServed(t *testing.
 	}
 	if d := after.Refreshes - before.Refreshes; d != 0 {
 		t.Errorf("Refreshes +%d with no stale value served and no load left running for a caller who left", d)
-	}
-}
-
-// Same root cause, fail-safe (pre-existing): a failing load after a Delete during the call serves
-// the deleted stale value read before the claim.
-func TestGetOrLoadManyFailSafeSkipsAValueDeletedDuringTheCall(t *testing.T) {
-	e := newNodeEnv(t)
-	k := NewKey("artist", "predelfs")
-	hold := newHold("mget", "", true)
-	opts := e.opts()
-	opts.StaleTTL = time.Minute
-	w := newCache[ImageMeta](e, opts)
-	aopts := opts
-	aopts.Redis = heldClient(t, e, hold)
-	a := newCache[ImageMeta](e, aopts)
-	if _, err := w.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("predelfs", 1), nil }, WithTTL(100*time.Millisecond)); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(150 * time.Millisecond)
-	e.advance(150 * time.Millisecond)
-	failing := func(context.Context, []Key) (map[Key]ImageMeta, error) { return nil, errors.New("database down") }
-	type result struct {
-		v     ImageMeta
-		found bool
-		err   error
-	}
-	done := make(chan result, 1)
-	go func() {
-		vals, found, err := a.GetOrLoadMany(ctx, []Key{k}, failing)
-		done <- result{vals[0], found[0], err}
-	}()
-	select {
-	case <-hold.held:
-	case <-time.After(2 * time.Second):
-		t.Fatal("the batch's read of Redis never ran")
-	}
-	if err := a.Delete(ctx, k); err != nil {
-		t.Fatal(err)
-	}
-	close(hold.release)
-	r := <-done
-	if r.err == nil && r.found && r.v.ETag == metaV("predelfs", 1).ETag {
-		t.Errorf("the fail-safe served the value a Delete during the call removed (%s)", r.v.ETag)
 	}
 }
