@@ -134,23 +134,35 @@ func (b *batchFlight[V]) readReleased(ctx context.Context, idx []int32) (rest []
 	if len(idx) == 0 {
 		return nil
 	}
-	c, keys := b.c, b.keys
+	c, keys, tags := b.c, b.keys, b.so.tags
 	rkeys := make([]string, len(idx))
 	vals, gens := make([]*redis.StringCmd, len(idx)), make([]*redis.StringCmd, len(idx))
+	// The batch's tags' current generations go in the same round trip: every value it waits for
+	// carries them, and each value's check would otherwise read them again.
+	tagCmds := make([]*redis.StringCmd, len(tags))
 	if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
 		for j, i := range idx {
 			var genKey string
 			rkeys[j], genKey = c.l2.readKeys(keys[i])
 			vals[j], gens[j] = p.Get(ctx, rkeys[j]), p.Get(ctx, genKey)
 		}
+		for t, tag := range tags {
+			tagCmds[t] = p.HGet(ctx, c.l2.tagMeta(tag), "g")
+		}
 	}); err != nil {
 		return idx // the caller takes the leases, or loads without them if Redis keeps failing
+	}
+	var known []tagGen
+	for t, cmd := range tagCmds {
+		if g, ok, err := genReply(cmd); err == nil && ok {
+			known = append(known, tagGen{tags[t], g})
+		} // a tag left out is read by the check of each value that carries it
 	}
 	for j, i := range idx {
 		data, err := vals[j].Bytes()
 		if err == nil {
 			g, gerr := gens[j].Uint64()
-			if e, fresh, _ := c.decodeChecked(ctx, keys[i], rkeys[j], data, g, gerr == nil, nil, trustNone); fresh {
+			if e, fresh, _ := c.decodeChecked(ctx, keys[i], rkeys[j], data, g, gerr == nil, known, trustNone); fresh {
 				c.fillL1(keys[i], e, b.fs[i].seq)
 				v, err := c.result(e)
 				c.stats.lockWaits.Add(1)

@@ -326,3 +326,54 @@ func TestGetOrLoadManyLoadsUnderALeaseAsSoonAsItTakesIt(t *testing.T) {
 		t.Errorf("x loaded %d times across instances (a %d, b %d), want 1: a held x's lease idle while it waited for y's", n, aLoads, bLoads.Load())
 	}
 }
+
+// TestGetOrLoadManyWaitChecksTagsOfTheValueItFinds: a batch that waits for another holder's lease
+// checks the value it then finds against its tags' current generations: a value whose tag was
+// invalidated after it was stored is not served, and the batch loads the key itself.
+func TestGetOrLoadManyWaitChecksTagsOfTheValueItFinds(t *testing.T) {
+	e := newEnv(t)
+	b, w := newCache[ImageMeta](e, e.opts()), newCache[ImageMeta](e, e.opts())
+	k := coverKeys("tagged", 1)[0]
+	tag := WithTags("album:9")
+	if err := e.rdb.Set(ctx, b.leaseKey(k), "holder", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		v     ImageMeta
+		found bool
+		err   error
+	}
+	done := make(chan result, 1)
+	lb := &countingBatchLoader{}
+	go func() {
+		vals, found, err := b.GetOrLoadMany(ctx, []Key{k}, func(ctx context.Context, ks []Key) (map[Key]ImageMeta, error) {
+			m, err := lb.load(ctx, ks)
+			m[k] = metaV(k.String(), 2)
+			return m, err
+		}, tag)
+		done <- result{vals[0], found[0], err}
+	}()
+	time.Sleep(50 * time.Millisecond) // b waits for the holder
+	// The holder's write lands after an invalidation of its tag, stamped with the tag's old
+	// generation (it registered before the invalidation, which found no value to delete).
+	if err := w.Set(ctx, k, metaV(k.String(), 1), tag); err != nil {
+		t.Fatal(err)
+	}
+	stored := e.raw(k)
+	if err := w.InvalidateTags(ctx, "album:9"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.Set(ctx, e.redisKey(k), stored, time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.rdb.Del(ctx, b.leaseKey(k)).Err(); err != nil { // the holder is done
+		t.Fatal(err)
+	}
+	r := <-done
+	if r.err != nil || !r.found || r.v.ETag != metaV(k.String(), 2).ETag {
+		t.Errorf("GetOrLoadMany = %s, %v, %v; want its own load (the stored value's tag was invalidated)", r.v.ETag, r.found, r.err)
+	}
+	if n := len(lb.callsOf()); n != 1 {
+		t.Errorf("the loader ran %d times, want 1", n)
+	}
+}
