@@ -28,25 +28,34 @@ func (c *Cache[V]) releaseLeases(ctx context.Context, ks []Key, tokens []string)
 	})
 }
 
-// releaseLeasesLater releases the leases a failed registration (registerMany's rs) may have taken,
-// in a goroutine that Close waits for: one for all of them. A batch load calls it, and holds the
-// flight group open meanwhile, so the Add cannot race Close's Wait.
-func (c *Cache[V]) releaseLeasesLater(ks []Key, rs []registered) {
-	var mine []Key
-	var tokens []string
-	for i, r := range rs {
-		if r.lease != "" { // a busy one may be this call's own (a retried SET took it)
-			mine, tokens = append(mine, ks[i]), append(tokens, r.lease)
-		}
-	}
-	if len(mine) == 0 {
+// releaseLeasesLater releases the leases of ks that may hold tokens[i] (each is deleted only if it
+// does), in a goroutine that Close waits for: one for all of them. A batch load calls it, and holds
+// the flight group open meanwhile, so the Add cannot race Close's Wait.
+func (c *Cache[V]) releaseLeasesLater(ks []Key, tokens []string) {
+	if len(ks) == 0 {
 		return
 	}
 	c.flights.wg.Add(1)
 	go func() {
 		defer c.flights.wg.Done()
-		c.releaseLeases(c.base, mine, tokens)
+		c.releaseLeases(c.base, ks, tokens)
 	}()
+}
+
+// abandon lets go of the leases of the keys idx that this batch may hold but will not load under:
+// a lease reported busy may be its own (go-redis retried the SET after a lost reply), and one
+// whose SET got no reply may have been taken. They are released later, each only if it holds
+// this batch's token, and forgotten here.
+func (b *batchFlight[V]) abandon(idx []int32) {
+	var ks []Key
+	var tokens []string
+	for _, i := range idx {
+		if t := b.leases[i].token; t != "" {
+			ks, tokens = append(ks, b.keys[i]), append(tokens, t)
+		}
+		b.leases[i] = leaseState{}
+	}
+	b.c.releaseLeasesLater(ks, tokens)
 }
 
 // releaseHeld releases the leases held[j] of the keys idx[j] that their writes did not release.
@@ -73,16 +82,24 @@ func (b *batchFlight[V]) releaseHeld(ctx context.Context, idx []int32, held []*h
 // ctx ends (Close), the keys still waiting fail with its error.
 func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32, giveUp time.Time) (load, still []int32) {
 	c, keys := b.c, b.keys
-	noLease := func(idx []int32) {
-		for _, i := range idx {
-			b.leases[i] = leaseState{}
+	// closed fails every key not settled yet when ctx has ended (Close): no load starts after it.
+	closed := func(idx []int32) bool {
+		err := ctx.Err()
+		if err == nil {
+			return false
 		}
+		b.abandon(idx)
+		b.fail(idx, c.loadFailed(fmt.Sprintf("%d keys", len(idx)), err))
+		return true
+	}
+	noLease := func(idx []int32) { // Redis is failing: load them here
+		b.abandon(idx)
 		load = append(load, idx...)
 	}
 	for wait := time.Millisecond; len(waiting) > 0 && len(load) == 0; wait = min(wait*2, 50*time.Millisecond) {
 		select {
 		case <-ctx.Done():
-			b.fail(waiting, c.loadFailed(fmt.Sprintf("%d keys", len(waiting)), ctx.Err()))
+			closed(waiting)
 			return nil, nil
 		case <-time.After(wait):
 		}
@@ -95,7 +112,10 @@ func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32, giveU
 				holders[j] = p.Get(ctx, c.leaseKey(keys[i]))
 			}
 		}); err != nil {
-			noLease(waiting) // Redis is failing: load here
+			if closed(waiting) {
+				return nil, nil
+			}
+			noLease(waiting)
 			return load, nil
 		}
 		past := !time.Now().Before(giveUp)
@@ -122,6 +142,9 @@ func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32, giveU
 			busy, mine := b.acquire(ctx, retake)
 			still = append(still, busy...)
 			load = append(load, mine...)
+		}
+		if closed(append(still, load...)) { // the replies came after Close: load nothing
+			return nil, nil
 		}
 		waiting = still
 	}

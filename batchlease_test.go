@@ -117,9 +117,11 @@ func TestGetOrLoadManyFleetStampede(t *testing.T) {
 				for _, c := range cs {
 					waits += c.Stats().LockWaits
 				}
-				// Every instance but the one that loaded a key waited for it: 3 per key.
-				if waits != 3*uint64(len(ks)) {
-					t.Errorf("LockWaits = %d across instances, want %d", waits, 3*len(ks))
+				// Every instance but the one that loaded a key got it from Redis: by waiting on the
+				// lease (LockWaits), or, if its registration came after the value was stored (a
+				// machine under load), as a plain hit. At least some waited.
+				if waits == 0 || waits > 3*uint64(len(ks)) {
+					t.Errorf("LockWaits = %d across instances, want 1 to %d", waits, 3*len(ks))
 				}
 			}
 			assertNoLeases(t, e, cs[0], ks)

@@ -73,12 +73,17 @@ func (c *Cache[V]) loadBatch(callerCtx context.Context, keys []Key, fs []*flight
 	b.loadAndStore(ctx, now)
 	// A lease taken while waiting is loaded under at once, as obtain does: held idle while the
 	// other keys are waited for, it could expire, or keep another instance waiting until it gives
-	// up and loads the key too.
+	// up and loads the key too. The wait gives up LockTTL after it began, not counting the time
+	// spent in those loads: meanwhile no lease is polled, and a lease another instance took in
+	// that time must get its full LockTTL. (The keys still waiting get their values only once
+	// such a load ends: a little latency, in exchange for loads that run in this goroutine.)
 	giveUp := time.Now().Add(c.lockTTL)
 	for len(waiting) > 0 {
 		var next []int32
 		next, waiting = b.awaitLeases(ctx, waiting, giveUp)
+		start := time.Now()
 		b.loadAndStore(ctx, next)
+		giveUp = giveUp.Add(time.Since(start))
 	}
 }
 
@@ -134,6 +139,10 @@ func (b *batchFlight[V]) loadAndStore(ctx context.Context, idx []int32) {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, c.loadTimeout)
 		defer cancel()
+	}
+	if err := ctx.Err(); err != nil { // Close: no loader is called after it
+		b.fail(idx, c.loadFailed(fmt.Sprintf("%d keys", len(idx)), err))
+		return
 	}
 	missing := make([]Key, len(idx))
 	for j, i := range idx {
@@ -248,7 +257,14 @@ func (b *batchFlight[V]) register(ctx context.Context, todo []int32) []int32 {
 		c.countL2Error(err)
 		// Redis is failing: the keys load without leases, and those the registration may have
 		// taken go after this call, without holding it up.
-		c.releaseLeasesLater(ks, rs)
+		var mine []Key
+		var tokens []string
+		for j, r := range rs {
+			if r.lease != "" { // a busy one may be this call's own (a retried SET took it)
+				mine, tokens = append(mine, ks[j]), append(tokens, r.lease)
+			}
+		}
+		c.releaseLeasesLater(mine, tokens)
 	}
 	var hits []Key
 	var hitTokens []string

@@ -575,14 +575,26 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 				c.stats.lockWaits.Add(1)
 				return v, err
 			}
-			if err != nil {
+			// Past here the flight lets go of token, which may be its own unless a poll has just
+			// seen another holder's (a busy SET that go-redis retried after a lost reply, or one
+			// with no reply): it is released later, only if it holds token.
+			if err != nil { // Close
+				c.releaseLeaseLater(k, token)
 				return zero, c.loadFailed(k, err)
 			}
 			if !time.Now().Before(giveUp) {
+				c.releaseLeaseLater(k, token)
 				break
 			}
+			old := token
 			var got bool
-			if token, got, err = c.acquireLease(ctx, k); err != nil {
+			token, got, err = c.acquireLease(ctx, k)
+			c.releaseLeaseLater(k, old)
+			if err != nil {
+				c.releaseLeaseLater(k, token)
+				if err := ctx.Err(); err != nil { // Close: no load starts after it
+					return zero, c.loadFailed(k, err)
+				}
 				break // Redis is failing: load without a lease
 			}
 			if got {
@@ -590,6 +602,9 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 				break
 			}
 		}
+	}
+	if err := ctx.Err(); err != nil { // Close: no loader is called after it
+		return zero, c.loadFailed(k, err)
 	}
 	c.stats.loads.Add(1)
 	var start time.Time
