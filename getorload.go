@@ -734,9 +734,19 @@ func (c *Cache[V]) pxTTL(ttl time.Duration, negative bool) time.Duration {
 	return ttl + c.staleTTL
 }
 
-// The distributed lease: <ns>:%l:<key>, SET NX PX with a random token, released only by its holder.
-
-func (c *Cache[V]) leaseKey(k Key) string { return c.l2.keyOf("%l:", k) }
+// The distributed lease: <ns>:%l:{<ns>:<key>}, SET NX PX with a random token, released only by its
+// holder. The braces make the value's key the lease's Redis Cluster hash tag: both live on one
+// node, so a registration's read of the value and its SET NX of the lease, sent in that order in
+// one pipeline, reach that node together and run back to back, as on a single Redis. Otherwise a
+// holder could store the value and release the lease between the two (they ran on different
+// nodes), and the registration would take the lease of a key it had just read as absent, and
+// load it a second time.
+func (c *Cache[V]) leaseKey(k Key) string {
+	p, r := c.l2.prefix, k.redis()
+	var buf [256]byte
+	b := append(append(append(buf[:0], p...), "%l:{"...), p...)
+	return string(append(append(b, r...), '}'))
+}
 
 // newLeaseToken is a lease's holder token: random, so that only its holder releases it.
 func newLeaseToken() string {
