@@ -102,8 +102,8 @@ func checkClient(c redis.UniversalClient) error {
 // key returns the Redis key of a valid k's value, built in one allocation.
 func (l *l2) key(k Key) string { return l.keyOf("", k) }
 
-// keyOf returns "<ns>:<kind><k>", the Redis key of this kind of k's ("" for its value, "%l:" for
-// its lease), built in one allocation.
+// keyOf returns "<ns>:<kind><k>", the Redis key of this kind of k's ("" for its value), built in
+// one allocation.
 func (l *l2) keyOf(kind string, k Key) string { return l.prefix + kind + k.redis() }
 
 // readKeys returns the Redis keys of a valid k's value and of its entity's generation, built in
