@@ -56,8 +56,9 @@ func (c *Cache[V]) GetMany(ctx context.Context, ks []Key) (vals []V, found []boo
 // all load them: the keys whose leases this call takes go to load at once, and those whose leases
 // another instance holds are waited for, polled together, and get that instance's values. Those it
 // did not store (its load failed) go to another call of load as soon as this call has taken their
-// leases, one call per poll that frees some. A wait ends at Options.LockTTL, and when Redis fails:
-// the keys left are then loaded here. Options.LoadTimeout applies to each call of load, and so
+// leases, one call per poll that frees some. A wait ends after Options.LockTTL of waiting (this
+// call's own loads meanwhile not counted), when Redis fails, and at Close: the keys left are then
+// loaded here, or at Close fail. Options.LoadTimeout applies to each call of load, and so
 // does Options.StaleTTL's fail-safe when load fails (a key with a stale value gets it).
 // So does Options.SoftLoadTimeout: past it, a key with a stale value at hand gets it while the
 // load goes on and stores its results when it ends; the other keys wait for the load.
