@@ -94,27 +94,20 @@ func (c *Cache[V]) GetOrLoadMany(ctx context.Context, ks []Key, load func(ctx co
 			}
 		}
 	}
-	// The stale values the read finds are kept for the fail-safe and the soft timeout, which serve
-	// one only if no invalidation of its key has run since: since the read, not only since the
-	// flights' claim after it.
-	var before []uint64
-	if c.staleTTL > 0 {
-		before = make([]uint64, len(ks))
-		for i, k := range ks {
-			before[i] = c.inv.of(k)
-		}
-	}
 	b := c.readBatch(ctx, ks, vals, found, refresh)
 	if len(b.left) == 0 {
 		return vals, found, nil
 	}
-	keys, of, stale := b.unanswered()
+	keys, of, stale, readSeqs := b.unanswered()
 	fs, joined, err := c.flights.claim(keys)
 	if err != nil {
 		return vals, found, err
 	}
-	for j, x := range of {
-		if stale[x] != nil && before[b.left[j]] != fs[x].seq {
+	// The stale values the read found are kept for the fail-safe and the soft timeout, which serve
+	// one only if no invalidation of its key has run since: since the read, not only since the
+	// flights' claim after it.
+	for x, s := range stale {
+		if s != nil && readSeqs[x] != fs[x].seq {
 			stale[x] = nil // an invalidation ran between the read and the claim
 		}
 	}
@@ -203,12 +196,14 @@ func (c *Cache[V]) checkMany(ks []Key) error {
 
 // batch is what readBatch left unanswered: the positions left of ks, and for each of them (left[j])
 // the index of its key among the distinct keys that readBatch read from Redis (keys[of[j]]), with
-// the stale value Redis had for it, if StaleTTL keeps one.
+// the stale value Redis had for it, if StaleTTL keeps one, and the key's invalidation sequence
+// before that read (seqs, with StaleTTL only).
 type batch[V any] struct {
 	left  []int
 	keys  []Key
 	of    []int32
 	stale []*l1entry[V]
+	seqs  []uint64
 }
 
 // tally counts a batch's answers, to add them to the stats once.
@@ -256,6 +251,13 @@ func (c *Cache[V]) readBatch(ctx context.Context, ks []Key, vals []V, found []bo
 		return batch[V]{}
 	}
 	keys, of, first := distinct(ks, miss)
+	var seqs []uint64 // for a stale value's fail-safe and soft timeout: GetOrLoadMany
+	if c.staleTTL > 0 {
+		seqs = make([]uint64, len(keys))
+		for x, k := range keys {
+			seqs[x] = c.inv.of(k)
+		}
+	}
 	// Each key's value goes to its first position, and from there to the others.
 	got := make([]bool, len(keys))
 	stale := c.readL2Many(ctx, keys, func(x int32, e *l1entry[V]) {
@@ -278,12 +280,12 @@ func (c *Cache[V]) readBatch(ctx context.Context, ks []Key, vals []V, found []bo
 			vals[i], found[i] = vals[i0], true
 		}
 	}
-	return batch[V]{left: left, keys: keys, of: leftOf, stale: stale}
+	return batch[V]{left: left, keys: keys, of: leftOf, stale: stale, seqs: seqs}
 }
 
 // unanswered returns the distinct keys of the positions left, for each position its key's index
-// among them, and their stale values (nil where there are none).
-func (b *batch[V]) unanswered() (keys []Key, of []int32, stale []*l1entry[V]) {
+// among them, their stale values (nil where there are none), and their sequences before the read.
+func (b *batch[V]) unanswered() (keys []Key, of []int32, stale []*l1entry[V], seqs []uint64) {
 	idx := make([]int32, len(b.keys))
 	for i := range idx {
 		idx[i] = -1
@@ -294,14 +296,18 @@ func (b *batch[V]) unanswered() (keys []Key, of []int32, stale []*l1entry[V]) {
 			idx[x] = int32(len(keys))
 			keys = append(keys, b.keys[x])
 			var s *l1entry[V]
+			var seq uint64
 			if b.stale != nil {
 				s = b.stale[x]
 			}
-			stale = append(stale, s)
+			if b.seqs != nil {
+				seq = b.seqs[x]
+			}
+			stale, seqs = append(stale, s), append(seqs, seq)
 		}
 		of[j] = idx[x]
 	}
-	return keys, of, stale
+	return keys, of, stale, seqs
 }
 
 // distinct returns the distinct keys among ks[pos[j]], for each j its key's index in keys, and for
