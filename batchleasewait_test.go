@@ -81,16 +81,8 @@ func TestGetOrLoadManyReleasesItsOwnBusyLeaseWhenThePollFails(t *testing.T) {
 	opts := e.opts()
 	opts.LockTTL = 3 * time.Second
 	probe := newCache[ImageMeta](e, opts)
-	set := newHold("set", probe.leaseKey(k), true)
-	set.lie = redis.Nil // the registration's SET NX took the lease, its reply says busy
-	close(set.release)
-	poll := newHold("get", probe.leaseKey(k), true)
-	poll.lie = errors.New("i/o timeout") // the wait's first read of the lease fails
-	close(poll.release)
 	aopts := opts
-	client := heldClient(t, e, set)
-	client.AddHook(poll)
-	aopts.Redis = client
+	aopts.Redis, _, _ = ownBusyLeaseClient(t, e, probe.leaseKey(k))
 	a := newCache[ImageMeta](e, aopts)
 	_, _, err := a.GetOrLoadMany(ctx, []Key{k}, func(context.Context, []Key) (map[Key]ImageMeta, error) {
 		return nil, errors.New("database down")
@@ -106,6 +98,22 @@ func TestGetOrLoadManyReleasesItsOwnBusyLeaseWhenThePollFails(t *testing.T) {
 	if d := time.Since(start); d > time.Second {
 		t.Errorf("another instance's load of k waited %v on the lease a's batch took and never released", d)
 	}
+}
+
+// ownBusyLeaseClient returns a client on e's Redis whose first SET of leaseKey takes the lease but
+// replies that it is busy (as a SET NX that go-redis retried after a lost reply does), and whose
+// first read of the lease fails; and the holds that do each.
+func ownBusyLeaseClient(t *testing.T, e *testEnv, leaseKey string) (client *redis.Client, set, poll *holdPipeline) {
+	t.Helper()
+	set = newHold("set", leaseKey, true)
+	set.lie = redis.Nil
+	close(set.release)
+	poll = newHold("get", leaseKey, true)
+	poll.lie = errors.New("i/o timeout")
+	close(poll.release)
+	client = heldClient(t, e, set)
+	client.AddHook(poll)
+	return client, set, poll
 }
 
 // loadsAfterCloseDuringALeaseWait runs get on a Cache waiting for another holder's lease of a

@@ -265,3 +265,41 @@ func flightRunning(c *Cache[ImageMeta], k Key) bool {
 	_, ok := c.flights.m[k]
 	return ok
 }
+
+// A lease the registration took but reads as busy may be the flight's own (its SET was retried
+// after a lost reply). When the wait's poll of it fails, the flight must let it go as it takes a
+// new one: otherwise it waits on itself until LockTTL, and so does every other instance.
+func TestGetOrLoadReleasesItsOwnBusyLeaseWhenThePollFails(t *testing.T) {
+	e := newNodeEnv(t)
+	k := NewKey("artist", "ownpoll")
+	opts := e.opts()
+	opts.LockTTL = 3 * time.Second
+	probe := newCache[ImageMeta](e, opts)
+	client, set, poll := ownBusyLeaseClient(t, e, probe.leaseKey(k))
+	aopts := opts
+	aopts.Redis = client
+	a := newCache[ImageMeta](e, aopts)
+	start := time.Now()
+	_, err := a.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return ImageMeta{}, errors.New("database down") })
+	if err == nil {
+		t.Fatal("the failing load returned no error")
+	}
+	for _, h := range []*holdPipeline{set, poll} {
+		select {
+		case <-h.held:
+		default:
+			t.Fatalf("the %s of the lease was never sent", h.cmd)
+		}
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("A waited %v on the lease its own registration took", d)
+	}
+	b := newCache[ImageMeta](e, opts)
+	start = time.Now()
+	if _, err := b.GetOrLoad(ctx, k, func(context.Context) (ImageMeta, error) { return metaV("ownpoll", 1), nil }); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("another instance's load of k waited %v on the lease A took and never released", d)
+	}
+}
