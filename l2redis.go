@@ -376,7 +376,7 @@ func (sc *scriptCalls) run(ctx context.Context, p redis.Pipeliner, s *redis.Scri
 func (sc scriptCalls) retry(ctx context.Context, l *l2) {
 	var again []scriptCall
 	for _, c := range sc {
-		if redis.HasErrorPrefix(c.cmd.Err(), "NOSCRIPT") {
+		if err := c.cmd.Err(); err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
 			again = append(again, c)
 		}
 	}

@@ -379,8 +379,8 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 		bump = "1"
 	}
 	metaMs := metaTTL(ttl).Milliseconds()
-	epochCmd := new(redis.StringCmd)
-	getCmds := make([]*redis.StringCmd, len(ks))
+	var epochCmd *redis.SliceCmd // set when the pipeline runs
+	getCmds := make([]*redis.SliceCmd, len(ks))
 	entityCmds := make([]*redis.Cmd, len(ks))
 	tagCmds := make([]*redis.Cmd, len(ks)*len(tags))
 	var leaseCmds []*redis.StatusCmd
@@ -399,11 +399,11 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 	ran := false
 	err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
 		ran = true
-		epochCmd = p.Get(ctx, c.l2.epochKey()) // always: the load's verify compares against it
+		epochCmd = getOne(ctx, p, c.l2.epochKey()) // always: the load's verify compares against it
 		for i, k := range ks {
 			ks := k.String()
 			if get[i] {
-				getCmds[i] = p.Get(ctx, c.l2.prefix+ks)
+				getCmds[i] = getOne(ctx, p, c.l2.prefix+ks)
 			}
 			entityCmds[i] = scripts.run(ctx, p, registerScript, []string{c.l2.entityMetaOf(k), c.l2.entityGenOf(k)},
 				newGeneration(), metaMs, ks[len(ks)-16:], bump, ttl.Milliseconds())
@@ -436,8 +436,8 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 			}
 		}
 	}
-	epoch, err := epochCmd.Result()
-	if err != nil && !errors.Is(err, redis.Nil) {
+	epoch, _, err := oneValue(epochCmd)
+	if err != nil {
 		return rs, err
 	}
 	for i := range ks {
@@ -458,12 +458,35 @@ func (c *Cache[V]) registerMany(ctx context.Context, ks []Key, tags []string, tt
 			c.trustGen(tags[j], g, tagSeq)
 		}
 		if r.err == nil && getCmds[i] != nil {
-			if r.data, r.err = getCmds[i].Bytes(); errors.Is(r.err, redis.Nil) {
-				r.data, r.err = nil, nil
+			var v string
+			var ok bool
+			if v, ok, r.err = oneValue(getCmds[i]); ok {
+				r.data = stringBytes(v)
 			}
 		}
 	}
 	return rs, nil
+}
+
+// getOne queues a read of key as an MGET of that key alone. A GET of an absent key gets a nil
+// reply, which go-redis turns into an error (redis.Nil) and runs through its checks of errors:
+// about a dozen errors.As calls, each allocating, when it is a pipeline's first command (its retry
+// and connection checks), and two otherwise. An MGET's nil is a value.
+func getOne(ctx context.Context, p redis.Pipeliner, key string) *redis.SliceCmd {
+	return p.MGet(ctx, key)
+}
+
+// oneValue is getOne's answer: the key's value and whether it exists, or the read's error.
+func oneValue(cmd *redis.SliceCmd) (v string, ok bool, err error) {
+	vals, err := cmd.Result()
+	switch {
+	case err != nil:
+		return "", false, err
+	case len(vals) != 1:
+		return "", false, fmt.Errorf("imgcache: MGET of one key answered %d values", len(vals))
+	}
+	v, ok = vals[0].(string)
+	return v, ok, nil
 }
 
 // l2write is one loaded value for writeVerified to store.
@@ -534,7 +557,7 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 		}
 		sets[i], ds[i] = redis.NewStatusCmd(ctx, args...), new(redis.StringCmd)
 	}
-	epoch := new(redis.StringCmd)
+	epoch := new(redis.SliceCmd)
 	sent := false
 	// On a single Redis the leases go in the same pipeline, each released only if its load's
 	// epochs did not move; on a Cluster their keys live on other nodes, and the loads' deferred
@@ -576,7 +599,7 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 			if keys != nil {
 				releaseMany = scripts.run(ctx, p, releaseManyIfUnchangedScript, keys, args...)
 			}
-			epoch = p.Get(ctx, c.l2.epochKey())
+			epoch = getOne(ctx, p, c.l2.epochKey())
 		})
 	if sent {
 		scripts.retry(ctx, c.l2)
@@ -593,10 +616,7 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 			}
 		}
 	}
-	epochNow, epochErr := epoch.Result()
-	if errors.Is(epochErr, redis.Nil) {
-		epochErr = nil
-	}
+	epochNow, _, epochErr := oneValue(epoch)
 	var back []int
 	var checkErr error
 	for i, w := range ws {
