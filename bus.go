@@ -245,15 +245,19 @@ func (c *Cache[V]) sendSet(ctx context.Context, k Key, data []byte) {
 	c.send(ctx, busSet, []string{k.canonical(), string(binary.BigEndian.AppendUint64(nil, xxhash.Sum64(data)))})
 }
 
-// send publishes a message; a failure is counted, not returned: Redis has already been changed,
-// and the other instances' copies expire within L1TTL.
+// send publishes a message; a failure is counted, not returned: Redis has already been changed.
+// The message then goes to the outbox, for the bus goroutine to publish once Redis answers: the
+// other instances, which may not be cut off from Redis at all, must still drop and forget what the
+// change made stale.
 func (c *Cache[V]) send(ctx context.Context, kind busKind, items []string) {
 	if c.l2 == nil {
 		return
 	}
-	if err := c.l2.publish(ctx, encodeBus(kind, c.instance, items)); err != nil {
+	msg := encodeBus(kind, c.instance, items)
+	if err := c.l2.publish(ctx, msg); err != nil {
 		c.countL2Error(err)
 		c.logError(ctx, "publish", c.l2.channel(), err)
+		c.queue(msg)
 		return
 	}
 	c.stats.busSent.Add(1)
@@ -288,7 +292,11 @@ func (c *Cache[V]) sendLater(err error, kind busKind, items []string) {
 	if c.l2 == nil || errors.Is(err, ErrBreakerOpen) {
 		return
 	}
-	msg := encodeBus(kind, c.instance, items)
+	c.queue(encodeBus(kind, c.instance, items))
+}
+
+// queue puts a message in the outbox (see outbox).
+func (c *Cache[V]) queue(msg []byte) {
 	c.outbox.mu.Lock()
 	if len(c.outbox.msgs) < maxOutbox {
 		c.outbox.msgs = append(c.outbox.msgs, msg)

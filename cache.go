@@ -414,15 +414,25 @@ func (c *Cache[V]) Set(ctx context.Context, k Key, v V, opts ...SetOption) error
 	c.inv.key(k)
 	ttl := c.l2TTL(so)
 	expMs := time.Now().Add(ttl).UnixMilli()
+	var own *l1entry[V]
 	if c.l1 != nil {
-		e := &l1entry[V]{val: v, tags: so.tags, expMs: expMs}
-		c.stamp(e, ttl)
-		e.refreshFrom = 0 // Set has no loader to refresh with
-		c.l1.add(k, e)
+		own = &l1entry[V]{val: v, tags: so.tags, expMs: expMs}
+		c.stamp(own, ttl)
+		own.refreshFrom = 0 // Set has no loader to refresh with
+		c.l1.add(k, own)
 	}
 	if c.l2 == nil {
 		return nil
 	}
+	// Again once Redis holds the value (or may): a read on this instance that missed L1 meanwhile
+	// (the copy above evicted) may have refilled it with the value this Set replaces, and this
+	// instance ignores its own message. A copy other than this Set's own goes.
+	defer func() {
+		c.inv.key(k)
+		if c.l1 != nil {
+			c.l1.removeOther(k, own)
+		}
+	}()
 	fail := func(err error) error {
 		c.countL2Error(err)
 		return fmt.Errorf("imgcache: set %s: %w", k, err)

@@ -54,7 +54,8 @@
 //
 // An invalidation that fails may still have changed Redis (a reply lost after its script ran), so
 // it forgets locally again and queues its message; the bus goroutine publishes it once Redis
-// answers, so that the other instances drop and forget what it may have made stale.
+// answers, so that the other instances drop and forget what it may have made stale. A message that
+// could not be published after an invalidation succeeded is queued the same way.
 //
 // Expiry is checked on read against a clock that one goroutine per process advances every
 // millisecond; nothing runs per entry.

@@ -367,6 +367,16 @@ func (l *l1[V]) removeUnless(k Key, wid uint64) {
 	s.mu.Unlock()
 }
 
+// removeOther removes k's entry unless it is keep.
+func (l *l1[V]) removeOther(k Key, keep *l1entry[V]) {
+	s := l.shard(k)
+	s.mu.Lock()
+	if e, ok := s.peekLocked(k); ok && e != keep {
+		s.removeLocked(k)
+	}
+	s.mu.Unlock()
+}
+
 func (l *l1[V]) purge() {
 	for i := range l.shards {
 		s := &l.shards[i]

@@ -656,10 +656,14 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 	// load's context has ended since (Close, LoadTimeout): each call is bounded by L2Timeout.
 	ctx = context.WithoutCancel(ctx)
 	items := make([]string, len(back))
+	keys := make([]Key, len(back))
 	for j, i := range back {
 		c.delUnreadable(ctx, rkeys[i], ws[i].data)
-		items[j] = ws[i].k.canonical()
+		items[j], keys[j] = ws[i].k.canonical(), ws[i].k
 	}
+	// This instance ignores its own message: a read here that found the write before it was taken
+	// back must not fill L1 after the removal, as the message keeps the other instances' reads out.
+	c.dropL1Keys(keys)
 	c.send(ctx, busKeys, items)
 	return kept
 }
