@@ -287,13 +287,23 @@ func (c *Cache[V]) announce(ctx context.Context, err error, kind busKind, items 
 }
 
 // sendLater queues a message for the bus goroutine (see outbox). An error that says Redis was never
-// asked (the breaker was open) changed nothing, and queues nothing.
+// asked (the breaker was open) changed nothing, and queues nothing, unless it is a later step's
+// (afterChange): an earlier one may have changed Redis.
 func (c *Cache[V]) sendLater(err error, kind busKind, items []string) {
-	if c.l2 == nil || errors.Is(err, ErrBreakerOpen) {
+	var later afterChange
+	if c.l2 == nil || (errors.Is(err, ErrBreakerOpen) && !errors.As(err, &later)) {
 		return
 	}
 	c.queue(encodeBus(kind, c.instance, items))
 }
+
+// afterChange is the error of an invalidation's step that runs after another has changed Redis (a
+// generation, the pattern epoch or a delete epoch moved): even a refusal by the breaker then leaves
+// the other instances' copies stale, and the invalidation's message must still reach them. It
+// wraps the error unchanged: callers see what failed.
+type afterChange struct{ error }
+
+func (e afterChange) Unwrap() error { return e.error }
 
 // queue puts a message in the outbox (see outbox).
 func (c *Cache[V]) queue(msg []byte) {

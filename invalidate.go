@@ -189,7 +189,7 @@ func (c *Cache[V]) invalidateMetas(ctx context.Context, metas [][]string, member
 	}
 	if err := c.l2.del(ctx, rkeys...); err != nil {
 		c.countL2Error(err)
-		return err
+		return afterChange{err}
 	}
 	return nil
 }
@@ -253,7 +253,7 @@ func (c *Cache[V]) InvalidatePattern(ctx context.Context, pattern string) (int, 
 		return err
 	})
 	if err != nil {
-		return fail(err)
+		return fail(afterChange{err})
 	}
 	c.dropL1Pattern(p) // again: see Delete
 	c.send(ctx, busPattern, []string{pattern})

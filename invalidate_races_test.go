@@ -2,7 +2,9 @@ package imgcache
 
 import (
 	"context"
+	"errors"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -220,5 +222,71 @@ func TestTakenBackWriteReadOnItsOwnInstanceLeavesL1(t *testing.T) {
 	}
 	if err := wantMiss(b, k)(); err != nil {
 		t.Errorf("the other instance: %v", err)
+	}
+}
+
+// refuseLater answers, while on is set, every command named name (alone or in a pipeline) with
+// ErrBreakerOpen without sending it: what an invalidation's later step gets when the breaker opened
+// after its first step changed Redis (which no test can time, as that step's own success closes the
+// breaker).
+type refuseLater struct {
+	name string
+	on   atomic.Bool
+}
+
+func (*refuseLater) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (r *refuseLater) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		pipe := r.ProcessPipelineHook(func(ctx context.Context, cmds []redis.Cmder) error { return next(ctx, cmds[0]) })
+		return pipe(ctx, []redis.Cmder{cmd})
+	}
+}
+func (r *refuseLater) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if r.on.Load() && slices.ContainsFunc(cmds, func(c redis.Cmder) bool { return c.Name() == r.name }) {
+			for _, c := range cmds {
+				c.SetErr(ErrBreakerOpen)
+			}
+			return ErrBreakerOpen
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// An invalidation by entity or tag whose first step moved the generations and whose second (the
+// UNLINK of the members) the breaker refused has still made the other instances' copies stale:
+// its message must reach them once Redis answers, as for any other failure after a change. Only a
+// refusal of its first step changed nothing. (A Delete or InvalidatePattern refused after its first
+// step queues its message too, but Redis still holds the values then, so the others read them
+// again.)
+func TestInvalidationRefusedAfterItsFirstStepIsSentLater(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		invalidate func(c *Cache[ImageMeta]) error
+	}{
+		{"entity", func(c *Cache[ImageMeta]) error { return c.InvalidateEntity(ctx, "artist", "refused") }},
+		{"tags", func(c *Cache[ImageMeta]) error { return c.InvalidateTags(ctx, "album:refused") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newNodeEnv(t)
+			r := &refuseLater{name: "unlink"}
+			ao := e.opts()
+			ao.Redis = heldClient(t, e, r)
+			a := newCache[ImageMeta](e, ao)
+			b := newCache[ImageMeta](e, e.opts())
+			k := NewKey("artist", "refused").With("size", "64")
+			if err := b.Set(ctx, k, metaV("refused", 1), WithTags("album:refused")); err != nil {
+				t.Fatal(err)
+			}
+			if err := wantETag(b, k, `"refused-v1"`)(); err != nil {
+				t.Fatal(err)
+			}
+			r.on.Store(true)
+			if err := tc.invalidate(a); !errors.Is(err, ErrBreakerOpen) {
+				t.Fatalf("the invalidation returned %v, want ErrBreakerOpen", err)
+			}
+			r.on.Store(false) // Redis answers again
+			eventuallyWithin(t, 2*time.Second, wantMiss(b, k))
+		})
 	}
 }

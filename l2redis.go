@@ -440,7 +440,7 @@ func genReply(cmd *redis.StringCmd) (gen uint64, ok bool, err error) {
 // loads rely on this order. Once the first step has been sent, the others are not cut short by
 // ctx's end (Close, a caller leaving, a load's timeout): a write left unverified, or an
 // invalidation half done, would leave a stale value; each step is still bounded by L2Timeout. A
-// redis.Nil reply (an absent key) is not an error here.
+// redis.Nil reply (an absent key) is not an error here. A later step's error is an afterChange.
 func (l *l2) ordered(ctx context.Context, steps ...func(redis.Pipeliner)) error {
 	if _, single := l.rdb.(*redis.Client); single {
 		return l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) {
@@ -454,6 +454,9 @@ func (l *l2) ordered(ctx context.Context, steps ...func(redis.Pipeliner)) error 
 			ctx = context.WithoutCancel(ctx)
 		}
 		if err := l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) { s(p) }); err != nil {
+			if i > 0 {
+				return afterChange{err} // the steps before changed Redis
+			}
 			return err
 		}
 	}
