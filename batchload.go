@@ -167,7 +167,7 @@ func (b *batchFlight[V]) loadAndStore(ctx context.Context, idx []int32) {
 		e := &l1entry[V]{val: v, tags: b.so.tags}
 		ttl := c.l2TTL(b.so)
 		if !ok {
-			e.negative, ttl = true, c.jittered(c.negTTL)
+			e.negative, ttl = true, c.negativeTTL()
 		}
 		e.expMs = time.Now().Add(ttl).UnixMilli()
 		if b.l2ok[i] {

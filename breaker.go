@@ -232,7 +232,7 @@ func isReply(err error) bool {
 // make sense.
 func (h *HitRateGuard) validate() error {
 	switch {
-	case h.Threshold < 0 || h.Threshold > 1:
+	case !(h.Threshold >= 0 && h.Threshold <= 1): // NaN fails every comparison
 		return fmt.Errorf("imgcache: Options.HitRateGuard.Threshold is %v; it must be between 0 and 1", h.Threshold)
 	case h.Window != 0 && h.Window < guardBuckets*time.Millisecond:
 		return fmt.Errorf("imgcache: Options.HitRateGuard.Window is %v; it must be at least %v (or 0)", h.Window, guardBuckets*time.Millisecond)

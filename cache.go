@@ -31,7 +31,8 @@ type Options struct {
 	// Namespace prefixes every Redis key as "<Namespace>:". Default "imgcache". It may not contain
 	// white space, control characters, Redis glob characters (* ? [ ] \) or braces.
 	Namespace string
-	// L1Size is the most entries the in-process level holds. 0 means 10,000; negative disables L1.
+	// L1Size is the most entries the in-process level holds. 0 means 10,000; negative disables L1;
+	// at most MaxL1Size.
 	L1Size int
 	// L1Policy chooses what L1 keeps when it is full: PolicyAuto (the zero value: W-TinyLFU from
 	// 1,000 entries up, LRU below), PolicyLRU or PolicyTinyLFU.
@@ -68,7 +69,8 @@ type Options struct {
 	// (ImageMeta does), encoding/json otherwise. See Codec.
 	Codec Codec
 	// MaxValueSize bounds an encoded value, in bytes: larger values are refused on write and treated
-	// as unreadable on read, before they are decoded. 0 means 1 MiB.
+	// as unreadable on read, before they are decoded. 0 means 1 MiB; at least 36 (an envelope, its
+	// stamp's room and one byte).
 	MaxValueSize int
 	// Logger receives debug records of every L2 GET and SET (the Redis key and HIT, MISS or ERROR,
 	// never a value), and the hit-rate guard's warning. Nil means silent.
@@ -136,6 +138,10 @@ const (
 	DefaultMaxRefreshes     = 64
 	DefaultTTLJitter        = 0.1
 	DefaultLockTTL          = 10 * time.Second
+
+	// MaxL1Size is the largest Options.L1Size: W-TinyLFU's sketch is allocated at New for the
+	// whole size.
+	MaxL1Size = 1 << 30
 )
 
 // Interface holds the methods a service calls on a cache. *Cache[V] implements it; a service can
@@ -259,12 +265,14 @@ func New[V any](opts Options) (*Cache[V], error) {
 		return nil, errors.New("imgcache: Options.SoftLoadTimeout needs Options.StaleTTL: past it, callers get a stale value")
 	case opts.LoadTimeout > 0 && opts.SoftLoadTimeout >= opts.LoadTimeout:
 		return nil, errors.New("imgcache: Options.SoftLoadTimeout must be shorter than Options.LoadTimeout")
-	case opts.EarlyRefresh < 0 || opts.EarlyRefresh > 100:
+	case !(opts.EarlyRefresh >= 0 && opts.EarlyRefresh <= 100): // NaN fails every comparison
 		return nil, fmt.Errorf("imgcache: Options.EarlyRefresh is %v; it must be between 0 (off) and 100", opts.EarlyRefresh)
-	case opts.TTLJitter >= 1:
+	case !(opts.TTLJitter < 1):
 		return nil, fmt.Errorf("imgcache: Options.TTLJitter is %v; it must be under 1", opts.TTLJitter)
 	case opts.MaxRefreshes < 0:
 		return nil, fmt.Errorf("imgcache: Options.MaxRefreshes is %d; it must not be negative", opts.MaxRefreshes)
+	case opts.L1Size > MaxL1Size:
+		return nil, fmt.Errorf("imgcache: Options.L1Size is %d; it must be at most %d", opts.L1Size, MaxL1Size)
 	}
 	if opts.HitRateGuard != nil {
 		if err := opts.HitRateGuard.validate(); err != nil {
@@ -283,8 +291,8 @@ func New[V any](opts Options) (*Cache[V], error) {
 			c.lockTTL = opts.LoadTimeout + time.Second
 		}
 	}
-	if c.maxValue < envHeaderLen+1 {
-		return nil, fmt.Errorf("imgcache: Options.MaxValueSize is %d; it must be at least %d (or 0 for the default)", c.maxValue, envHeaderLen+1)
+	if c.maxValue < minMaxValueSize {
+		return nil, fmt.Errorf("imgcache: Options.MaxValueSize is %d; it must be at least %d (or 0 for the default)", c.maxValue, minMaxValueSize)
 	}
 	if opts.Redis == nil && opts.L1Size < 0 {
 		return nil, errors.New("imgcache: L1 is disabled (Options.L1Size < 0) and Options.Redis is nil: nothing would be cached")

@@ -623,7 +623,7 @@ func (c *Cache[V]) obtain(ctx context.Context, k Key, load func(context.Context)
 	switch {
 	case err == nil:
 	case errors.Is(err, ErrNotFound):
-		e.val, e.negative, ttl, err = zero, true, c.jittered(c.negTTL), ErrNotFound
+		e.val, e.negative, ttl, err = zero, true, c.negativeTTL(), ErrNotFound
 		v = zero
 	default:
 		return v, c.loadFailed(k, err)
@@ -711,6 +711,12 @@ func (c *Cache[V]) jittered(d time.Duration) time.Duration {
 		return d
 	}
 	return d - time.Duration(mrand.Float64()*c.jitter*float64(d))
+}
+
+// negativeTTL is the TTL of a remembered "not found": NegativeTTL, jittered, and never under
+// Redis's millisecond (a PX of 0 is refused).
+func (c *Cache[V]) negativeTTL() time.Duration {
+	return max(c.jittered(c.negTTL), time.Millisecond)
 }
 
 func (c *Cache[V]) l2TTL(so setOptions) time.Duration {

@@ -116,15 +116,15 @@ type l1entry[V any] struct {
 // autoTinyLFU is the smallest L1 for which PolicyAuto picks PolicyTinyLFU.
 const autoTinyLFU = 1000
 
-// newL1 makes an L1 of about size entries. Shards get an equal share, rounded up, so the total may
-// exceed size by less than one entry per shard.
+// newL1 makes an L1 of size entries. Shards get an equal share, and the first size%n shards one
+// entry more, so that the total is exactly size (L1Size is the most entries L1 holds).
 func newL1[V any](size int, policy Policy) *l1[V] {
 	n := 1
 	for n < maxShards && size/(n*2) >= minPerShard {
 		n *= 2
 	}
 	l := &l1[V]{shards: make([]l1shard[V], n), mask: uint64(n - 1), hits: newHitCounter()}
-	per := (size + n - 1) / n
+	base, extra := size/n, size%n
 	if policy == PolicyAuto {
 		policy = PolicyLRU
 		if size >= autoTinyLFU {
@@ -134,6 +134,10 @@ func newL1[V any](size int, policy Policy) *l1[V] {
 	tomb := new(l1entry[V])
 	for i := range l.shards {
 		s := &l.shards[i]
+		per := base
+		if i < extra {
+			per++
+		}
 		s.index.Store(newL1Index(0, tomb))
 		if policy == PolicyTinyLFU {
 			s.w = newWTinyLFU[V](per, &s.front)

@@ -317,7 +317,6 @@ func (l *l2) sendBatch(lead *pendingRead, leadLeft bool) {
 		answered = 1 // lead's ready already carried its turn to send
 		return
 	}
-	l.reads.batched.Add(uint64(len(batch)))
 	args := make([]any, 1, 1+2*len(batch))
 	args[0] = "mget"
 	for _, p := range batch {
@@ -327,6 +326,9 @@ func (l *l2) sendBatch(lead *pendingRead, leadLeft bool) {
 	}
 	var res []any
 	err := l.call(ctx, func(ctx context.Context) (err error) {
+		// Counted here: a batch that the open breaker or a leaving lead keeps from Redis shares no
+		// round trip.
+		l.reads.batched.Add(uint64(len(batch)))
 		cmd := redis.NewSliceCmd(ctx, args...)
 		err = l.processRead(ctx, cmd)
 		res = cmd.Val()

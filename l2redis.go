@@ -58,7 +58,16 @@ func (l *l2) call(ctx context.Context, f func(ctx context.Context) error) error 
 		cctx, cancel = context.WithTimeout(ctx, l.timeout)
 		defer cancel()
 	}
+	// A call that panics (in a go-redis hook) says nothing about Redis; if it was the half-open
+	// probe, the next call must be able to probe, or the breaker would stay open for ever.
+	finished := false
+	defer func() {
+		if !finished {
+			l.brk.abandon()
+		}
+	}()
 	err := f(cctx)
+	finished = true
 	// A callCtx (a batch's, l2batch.go) reports its deadline a clock tick late: read the clock.
 	if cerr := ctx.Err(); errors.Is(cerr, context.Canceled) || (short && (cerr != nil || preciseNow() >= callerDeadline)) {
 		l.brk.abandon()

@@ -744,6 +744,10 @@ func (c *Cache[V]) checkSize(payload []byte, tags []string) error {
 
 const binaryMaxVarint = 10
 
+// minMaxValueSize is the smallest MaxValueSize that lets a value through checkSize: an envelope
+// with room for its stamp and a payload of one byte.
+const minMaxValueSize = envHeaderLen + 2*binaryMaxVarint + 1
+
 // encode returns v in its envelope, ready for Redis, expiring at expMs (Unix ms).
 func (c *Cache[V]) encode(v V, negative bool, expMs int64, st stamp) ([]byte, error) {
 	var payload []byte

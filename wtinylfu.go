@@ -24,7 +24,7 @@ type wtinylfu[V any] struct {
 func newWTinyLFU[V any](size int, front *mover) *wtinylfu[V] {
 	w := &wtinylfu[V]{freq: newSketch(size), front: front}
 	w.windowCap = max(size/100, 1)
-	w.mainCap = max(size-w.windowCap, 1)
+	w.mainCap = max(size-w.windowCap, 0) // 0 for a W-TinyLFU of one entry: the window alone
 	w.protCap = w.mainCap * 8 / 10
 	*w.front = newMover(w.protCap)
 	// The LRUs never evict by themselves: their capacities are past what the policy lets them hold.
@@ -117,6 +117,9 @@ func (w *wtinylfu[V]) add(k uint64, e *l1entry[V]) (evicted uint64, ok bool) {
 		return 0, false
 	}
 	ck, ce, _ := w.window.RemoveOldest()
+	if w.mainCap == 0 { // no main area: the window's oldest has nowhere to go
+		return ck, true
+	}
 	if w.probation.Len()+w.protected.Len() < w.mainCap {
 		w.probation.Add(ck, ce)
 		return 0, false
