@@ -1,5 +1,7 @@
 package imgcache
 
+import "math/bits"
+
 // sketch is a count-min sketch of 4-bit counters, the frequency estimate of TinyLFU (Einziger,
 // Friedman and Manes, 2017), laid out as Caffeine's: the key's hash picks a 64-byte block of eight
 // words, and each of its four counters lies in a different word of that block, at an offset chosen
@@ -46,7 +48,9 @@ func newSketch(entries int) *sketch {
 // halving; if not, it remembers that it has now. The doorkeeper's four probes come from the hash by
 // double hashing.
 func (s *sketch) admit(h uint64) bool {
-	h *= 0xff51afd7ed558ccd // other bits than the counters' (at) and the shard's
+	// Other bits than the counters' (at). The product's low bits are the hash's, which the shard
+	// fixed: rotated up, out of the first probe's reach.
+	h = bits.RotateLeft64(h*0xff51afd7ed558ccd, 32)
 	step := h>>32 | 1
 	seen := true
 	for range 4 {
@@ -62,10 +66,12 @@ func (s *sketch) admit(h uint64) bool {
 
 // at returns the four counters of a hash, as word indexes and bit offsets.
 func (s *sketch) at(h uint64) (words [4]uint64, offs [4]uint) {
-	h *= 0x9E3779B97F4A7C15 // spread the bits: the shard already used the low ones
+	// Spread the bits. The product's low bits depend on the hash's low bits alone, which the shard
+	// fixed: the word of each pair is picked by high bits.
+	h *= 0x9E3779B97F4A7C15
 	block := (h >> 40 & s.mask) * 8
 	for i := range words {
-		words[i] = block + uint64(i)*2 + (h>>i)&1
+		words[i] = block + uint64(i)*2 + (h>>(60+i))&1
 		offs[i] = uint(h>>(8+4*i)&15) * 4
 	}
 	return words, offs
