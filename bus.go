@@ -145,7 +145,7 @@ func (c *Cache[V]) runBus(ps *redis.PubSub) {
 	heard := time.Now()
 	pinged := false
 	for c.base.Err() == nil {
-		c.flushOutbox()
+		c.flushOutbox(c.base)
 		ctx, cancel := context.WithTimeout(c.base, busPoll)
 		m, err := ps.ReceiveTimeout(ctx, busPoll)
 		cancel()
@@ -267,8 +267,8 @@ func (c *Cache[V]) send(ctx context.Context, kind busKind, items []string) {
 // lost after the script ran, an UNLINK that failed. Redis may hold a moved generation and the values
 // it made stale, and the other instances, which trust the old generation and may hold copies in L1,
 // would keep serving them. The bus goroutine publishes these messages, in order, once Redis
-// answers. At most maxOutbox wait; past that a new one is dropped, and the other instances' copies
-// last at most L1TTL, their trust GenerationTTL.
+// answers, and Close tries once more. At most maxOutbox wait; past that a new one is dropped, and
+// the other instances' copies last at most L1TTL, their trust GenerationTTL.
 type outbox struct {
 	mu   sync.Mutex // protects msgs
 	msgs [][]byte
@@ -317,13 +317,13 @@ func (c *Cache[V]) queue(msg []byte) {
 // flushOutbox publishes the queued messages in order, and puts back those after one that fails
 // (Redis is still away: the next round of the bus loop tries again). The failures are not counted:
 // the invalidation's own failure was.
-func (c *Cache[V]) flushOutbox() {
+func (c *Cache[V]) flushOutbox(ctx context.Context) {
 	c.outbox.mu.Lock()
 	msgs := c.outbox.msgs
 	c.outbox.msgs = nil
 	c.outbox.mu.Unlock()
 	for i, m := range msgs {
-		if err := c.l2.publish(c.base, m); err != nil {
+		if err := c.l2.publish(ctx, m); err != nil {
 			c.outbox.mu.Lock()
 			c.outbox.msgs = append(msgs[i:], c.outbox.msgs...)
 			if len(c.outbox.msgs) > maxOutbox {

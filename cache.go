@@ -459,8 +459,9 @@ func (c *Cache[V]) Set(ctx context.Context, k Key, v V, opts ...SetOption) error
 }
 
 // Close stops everything the cache started: it cancels running loads' contexts and waits for them to
-// return. It is idempotent; afterwards every other method returns ErrClosed. It does not close
-// Options.Redis.
+// return. Invalidation messages still waiting for Redis to answer (see InvalidateEntity) get one
+// more try, which an unreachable Redis ends within L2Timeout. It is idempotent; afterwards every
+// other method returns ErrClosed. It does not close Options.Redis.
 func (c *Cache[V]) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return nil
@@ -471,6 +472,9 @@ func (c *Cache[V]) Close() error {
 		<-c.busDone // the bus goroutine closes its subscription
 	}
 	if c.l2 != nil {
+		// Messages still queued (the loads' take-backs above may have added some): one more try,
+		// each publish bounded by L2Timeout, the first failure ending it.
+		c.flushOutbox(context.WithoutCancel(c.base))
 		c.l2.conns.close()
 	}
 	releaseClock()

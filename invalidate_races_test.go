@@ -290,3 +290,33 @@ func TestInvalidationRefusedAfterItsFirstStepIsSentLater(t *testing.T) {
 		})
 	}
 }
+
+// A message queued because Redis failed (here its PUBLISH) is not lost when the instance closes
+// before its bus goroutine's next try: Close publishes what is left.
+func TestCloseSendsTheQueuedMessages(t *testing.T) {
+	e := newNodeEnv(t)
+	fp := &failPublish{}
+	ao := e.opts()
+	ao.Redis = heldClient(t, e, fp)
+	a, err := New[ImageMeta](ao)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := newCache[ImageMeta](e, e.opts())
+	k := NewKey("artist", "closing")
+	if err := b.Set(ctx, k, metaV("closing", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := wantETag(b, k, `"closing-v1"`)(); err != nil {
+		t.Fatal(err)
+	}
+	fp.on.Store(true)
+	if err := a.Delete(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	fp.on.Store(false)
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	eventuallyWithin(t, 2*time.Second, wantMiss(b, k))
+}
