@@ -59,7 +59,7 @@ func BenchmarkMissRoundTrips(b *testing.B) {
 	}
 	b.StopTimer()
 	for name, sig := range map[string]func(string) bool{
-		"register-us": func(s string) bool { return strings.Contains(s, "evalsha") && strings.HasPrefix(s, "get ") },
+		"register-us": func(s string) bool { return strings.Contains(s, "evalsha") && strings.HasPrefix(s, "mget ") },
 		"write-us":    func(s string) bool { return strings.Contains(s, "evalsha") && strings.HasPrefix(s, "set ") },
 		"peer-get-us": func(s string) bool { return s == "get" },
 		"peer-set-us": func(s string) bool { return s == "set" },
