@@ -107,6 +107,10 @@ func TestGetOrLoadManyFleetStampede(t *testing.T) {
 				n := l.loads[k]
 				if distributed && n != 1 {
 					t.Errorf("%v loaded %d times across 4 instances, want exactly 1", k, n)
+					for i, c := range cs {
+						st := c.Stats()
+						t.Logf("instance %d: Loads %d, L2Stale %d, L2Errors %d, LockWaits %d, L2Hits %d", i, st.Loads, st.L2Stale, st.L2Errors, st.LockWaits, st.L2Hits)
+					}
 				}
 				if !distributed && (n < 1 || n > 4) {
 					t.Errorf("%v loaded %d times, want at most once per instance", k, n)

@@ -25,7 +25,8 @@ import (
 //
 // Entities whose generations this instance trusts (gens.go) have no generation key in the MGET. A
 // value whose stamp differs from a trusted generation is read again, with the others like it, in
-// one more round trip that trusts nothing.
+// one more round trip that trusts nothing; so, on a Cluster or a Ring, is one whose stamp differs
+// from a generation read with it.
 func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32, e *l1entry[V])) (stale []*l1entry[V]) {
 	if c.l2 == nil {
 		if c.staleTTL > 0 {
@@ -78,6 +79,11 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 	var drop []int // values to delete from Redis (if unchanged): unreadable or stale
 	var dropData [][]byte
 	var retry []int32 // values stale against a trusted generation: to be read again (indexes in keys)
+	// On a Cluster or a Ring a value and its generation key are read from different nodes
+	// concurrently, so the generation may have been read before the value was written: a first
+	// read's stale verdict is checked by the read again too (see staleOnSecondLook), whose
+	// generations come after this read's values.
+	secondLook := tr != trustNone && !c.l2.oneNode()
 	miss := func(j int, data []byte) {
 		c.guard.record(ctx, false)
 		c.l2.debug(ctx, "GET", r.rkey(j), "MISS")
@@ -136,7 +142,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 		}
 		var old bool
 		if old, missing = stampStale(env, g.gen, g.ok, nil, nil, missing[:0]); old {
-			if g.trusted {
+			if g.trusted || secondLook {
 				retry = append(retry, i)
 				continue
 			}
@@ -182,7 +188,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 			g := r.genv[r.gen[p.j]]
 			old, left := stampStale(p.env, g.gen, g.ok, cur, nil, missing[:0])
 			if old || len(left) > 0 { // a moved generation, or a missing meta hash
-				if g.trusted || usedTrust {
+				if g.trusted || usedTrust || secondLook {
 					retry = append(retry, r.rd[p.j])
 					continue
 				}

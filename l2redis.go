@@ -228,7 +228,16 @@ func (l *l2) tagMeta(tag string) string {
 }
 
 func (l *l2) epochKey() string { return l.epoch }
-func (l *l2) channel() string  { return l.prefix + "%bus" }
+
+// oneNode reports whether every key lives on one node (a *redis.Client: one Redis, or Sentinel's
+// failover client), so that one round trip's commands run in order, with nothing between them
+// from this round trip's other commands.
+func (l *l2) oneNode() bool {
+	_, single := l.rdb.(*redis.Client)
+	return single
+}
+
+func (l *l2) channel() string { return l.prefix + "%bus" }
 
 // metaTTL is how long a meta hash lives past the values registered in it: long enough that a value
 // never outlives the generation it is checked against (it would read as invalid, which is safe,

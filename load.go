@@ -186,6 +186,9 @@ func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data [
 		stale, missing = stampStale(env, g, gok, known, cur, missing[:0])
 		stale = stale || len(missing) > 0 // a missing meta hash: evicted or expired
 	}
+	if stale && !trusted && !c.l2.oneNode() && !c.staleOnSecondLook(ctx, k, env) {
+		stale = false
+	}
 	if stale {
 		if trusted {
 			return nil, false, errUntrusted
@@ -221,6 +224,46 @@ func (c *Cache[V]) trustedTags(tags []string) (cur []tagGen, rest []string) {
 		}
 	}
 	return cur, rest
+}
+
+// staleOnSecondLook judges again, on a Cluster or a Ring, a stamp found stale against generations
+// read in the value's own round trip. There the value and its generations live on different nodes,
+// whose parts of a pipeline go out concurrently, so a generation may be read before the value was
+// written (a scheduling delay on a loaded machine is enough): a value its holder has just stored
+// would look stale, be deleted, and be loaded a second time. Generations read after the value are
+// at least as new as the value: a stamp that matches them was current when the value was read (a
+// generation never takes an old value again). If they cannot be read, the value stays stale.
+func (c *Cache[V]) staleOnSecondLook(ctx context.Context, k Key, env envelope) bool {
+	_, genKey := c.l2.readKeys(k)
+	var tags []string
+	env.eachTag(func(tag []byte, _ uint64) { tags = append(tags, string(tag)) })
+	var gen *redis.StringCmd
+	tagCmds := make([]*redis.StringCmd, len(tags))
+	if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+		gen = p.Get(ctx, genKey)
+		for i, t := range tags {
+			tagCmds[i] = p.HGet(ctx, c.l2.tagMeta(t), "g")
+		}
+	}); err != nil {
+		c.countL2Error(err)
+		return true
+	}
+	g, gok, err := genReply(gen)
+	if err != nil {
+		return true
+	}
+	cur := make([]tagGen, 0, len(tags))
+	for i, cmd := range tagCmds {
+		tg, ok, err := genReply(cmd)
+		if err != nil {
+			return true
+		}
+		if ok {
+			cur = append(cur, tagGen{tags[i], tg})
+		}
+	}
+	stale, missing := stampStale(env, g, gok, cur, nil, nil)
+	return stale || len(missing) > 0
 }
 
 // decodeValue checks data's envelope and decodes its payload into e.val. An unreadable value is
