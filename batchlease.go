@@ -106,12 +106,16 @@ func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32, giveU
 		// Only a released lease means its holder is done (its write may still be taken back until
 		// then): one round trip reads every lease, and one more the values and generations of the
 		// keys whose leases have gone.
-		holders := make([]*redis.StringCmd, len(waiting))
-		if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+		// A failed pipeline may have failed on one node only (a Cluster's): each key's own reply
+		// decides, below. Only a poll that was never sent gives up on every key.
+		var holders []*redis.StringCmd
+		_ = c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+			holders = make([]*redis.StringCmd, len(waiting))
 			for j, i := range waiting {
 				holders[j] = p.Get(ctx, c.leaseKey(keys[i]))
 			}
-		}); err != nil {
+		})
+		if holders == nil {
 			if closed(waiting) {
 				return nil, nil
 			}
@@ -163,7 +167,9 @@ func (b *batchFlight[V]) readReleased(ctx context.Context, idx []int32) (rest []
 	// The batch's tags' current generations go in the same round trip: every value it waits for
 	// carries them, and each value's check would otherwise read them again.
 	tagCmds := make([]*redis.StringCmd, len(tags))
-	if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+	sent := false
+	err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+		sent = true
 		for j, i := range idx {
 			var genKey string
 			rkeys[j], genKey = c.l2.readKeys(keys[i])
@@ -172,8 +178,12 @@ func (b *batchFlight[V]) readReleased(ctx context.Context, idx []int32) (rest []
 		for t, tag := range tags {
 			tagCmds[t] = p.HGet(ctx, c.l2.tagMeta(tag), "g")
 		}
-	}); err != nil {
+	})
+	if !sent {
 		return idx // the caller takes the leases, or loads without them if Redis keeps failing
+	}
+	if err != nil {
+		c.countL2Error(err) // the keys whose reads failed (on a Cluster, one node's) are left below
 	}
 	var known []tagGen
 	for t, cmd := range tagCmds {
@@ -183,7 +193,8 @@ func (b *batchFlight[V]) readReleased(ctx context.Context, idx []int32) (rest []
 	}
 	for j, i := range idx {
 		data, err := vals[j].Bytes()
-		if err == nil {
+		// A generation that could not be read leaves the value unchecked: not stale, not served.
+		if gerr := gens[j].Err(); err == nil && (gerr == nil || errors.Is(gerr, redis.Nil)) {
 			g, gerr := gens[j].Uint64()
 			if e, fresh, _ := c.decodeChecked(ctx, keys[i], rkeys[j], data, g, gerr == nil, known, trustNone); fresh {
 				c.fillL1(keys[i], e, b.fs[i].seq)

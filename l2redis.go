@@ -481,6 +481,32 @@ func (l *l2) ordered(ctx context.Context, steps ...func(redis.Pipeliner)) error 
 	return nil
 }
 
+// orderedAll is ordered for steps whose commands are read one by one: on a Cluster or a Ring, a
+// later step runs even when an earlier one failed in part (one node refused or lost its commands,
+// the others answered), as long as the first was sent and did not fail for want of time: a step
+// that timed out says the next would likely wait as long. It returns the first error.
+func (l *l2) orderedAll(ctx context.Context, steps ...func(redis.Pipeliner)) error {
+	if _, single := l.rdb.(*redis.Client); single || len(steps) == 0 {
+		return l.ordered(ctx, steps...)
+	}
+	sent := false
+	first := l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) { sent = true; steps[0](p) })
+	if !sent || failedSlowly(first) {
+		return first
+	}
+	ctx = context.WithoutCancel(ctx)
+	var errs error
+	for _, s := range steps[1:] {
+		if err := l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) { s(p) }); err != nil && errs == nil {
+			errs = afterChange{err}
+		}
+	}
+	if first != nil {
+		return first
+	}
+	return errs
+}
+
 // pipelineErr drops redis.Nil, which a pipeline returns when any of its commands read an absent key.
 func pipelineErr(err error) error {
 	if errors.Is(err, redis.Nil) {

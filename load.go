@@ -186,8 +186,10 @@ func (c *Cache[V]) decodeChecked(ctx context.Context, k Key, rkey string, data [
 		stale, missing = stampStale(env, g, gok, known, cur, missing[:0])
 		stale = stale || len(missing) > 0 // a missing meta hash: evicted or expired
 	}
-	if stale && !trusted && !c.l2.oneNode() && !c.staleOnSecondLook(ctx, k, env) {
-		stale = false
+	if stale && !trusted && !c.l2.oneNode() {
+		if stale, err = c.staleOnSecondLook(ctx, k, env); err != nil {
+			return nil, false, errL2Call // a miss; the value may be current, so it stays
+		}
 	}
 	if stale {
 		if trusted {
@@ -232,38 +234,44 @@ func (c *Cache[V]) trustedTags(tags []string) (cur []tagGen, rest []string) {
 // written (a scheduling delay on a loaded machine is enough): a value its holder has just stored
 // would look stale, be deleted, and be loaded a second time. Generations read after the value are
 // at least as new as the value: a stamp that matches them was current when the value was read (a
-// generation never takes an old value again). If they cannot be read, the value stays stale.
-func (c *Cache[V]) staleOnSecondLook(ctx context.Context, k Key, env envelope) bool {
+// generation never takes an old value again). If they cannot be read, err is the read's error
+// (counted): the value may well be current, so the caller must neither serve nor delete it.
+func (c *Cache[V]) staleOnSecondLook(ctx context.Context, k Key, env envelope) (bool, error) {
 	_, genKey := c.l2.readKeys(k)
 	var tags []string
 	env.eachTag(func(tag []byte, _ uint64) { tags = append(tags, string(tag)) })
 	var gen *redis.StringCmd
 	tagCmds := make([]*redis.StringCmd, len(tags))
-	if err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
+	err := c.l2.pipelined(ctx, func(ctx context.Context, p redis.Pipeliner) {
 		gen = p.Get(ctx, genKey)
 		for i, t := range tags {
 			tagCmds[i] = p.HGet(ctx, c.l2.tagMeta(t), "g")
 		}
-	}); err != nil {
-		c.countL2Error(err)
-		return true
-	}
-	g, gok, err := genReply(gen)
+	})
 	if err != nil {
-		return true
+		c.countL2Error(err)
+		return false, err
 	}
+	// A reply that does not parse (invalidateScript once wrote a generation in exponent form) reads
+	// as a missing generation, as readWithGen reads it: the value is invalid.
+	g, gok, gerr := genReply(gen)
+	err = pipelineErr(gen.Err())
 	cur := make([]tagGen, 0, len(tags))
 	for i, cmd := range tagCmds {
-		tg, ok, err := genReply(cmd)
-		if err != nil {
-			return true
-		}
-		if ok {
+		if tg, ok, _ := genReply(cmd); ok {
 			cur = append(cur, tagGen{tags[i], tg})
 		}
+		if err == nil {
+			err = pipelineErr(cmd.Err())
+		}
 	}
+	if err != nil {
+		c.countL2Error(err)
+		return false, err
+	}
+	gok = gok && gerr == nil
 	stale, missing := stampStale(env, g, gok, cur, nil, nil)
-	return stale || len(missing) > 0
+	return stale || len(missing) > 0, nil
 }
 
 // decodeValue checks data's envelope and decodes its payload into e.val. An unreadable value is
@@ -610,7 +618,9 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 	var releaseMany *redis.Cmd // a batch's: one call for all of its leases
 	var manyOf []int           // the writes whose leases releaseMany releases, in order
 	var scripts scriptCalls
-	_ = c.l2.ordered(ctx, // l2.ordered applies the L2Timeout budget; replies are read per command
+	// l2.orderedAll applies the L2Timeout budget; replies are read per command, and on a Cluster the
+	// writes that landed are checked even if another node refused its part.
+	_ = c.l2.orderedAll(ctx,
 		func(p redis.Pipeliner) {
 			sent = true
 			for _, set := range sets {
