@@ -77,12 +77,28 @@ func (l *l2) call(ctx context.Context, f func(ctx context.Context) error) error 
 	return err
 }
 
-// pipelined runs a pipeline through call.
+// pipelined runs a pipeline through call. Its error is the first failed command's that is not an
+// absent key's redis.Nil: go-redis returns the first failed command's, which may be a Nil while a
+// later command (on a Cluster or a Ring, another node's) failed.
 func (l *l2) pipelined(ctx context.Context, f func(ctx context.Context, p redis.Pipeliner)) error {
 	return l.call(ctx, func(ctx context.Context) error {
-		_, err := l.rdb.Pipelined(ctx, func(p redis.Pipeliner) error { f(ctx, p); return nil })
-		return pipelineErr(err)
+		cmds, err := l.rdb.Pipelined(ctx, func(p redis.Pipeliner) error { f(ctx, p); return nil })
+		return firstFailed(cmds, err)
 	})
+}
+
+// firstFailed returns err, a pipeline's error, unless it is redis.Nil: then the first error of
+// cmds that is not redis.Nil, or nil.
+func firstFailed(cmds []redis.Cmder, err error) error {
+	if !errors.Is(err, redis.Nil) {
+		return err
+	}
+	for _, c := range cmds {
+		if cerr := c.Err(); cerr != nil && !errors.Is(cerr, redis.Nil) {
+			return cerr
+		}
+	}
+	return nil
 }
 
 // checkClient refuses a client that would ignore the per-call deadline. go-redis applies a context's
