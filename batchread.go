@@ -34,12 +34,13 @@ func (c *Cache[V]) readL2Many(ctx context.Context, keys []Key, hit func(i int32,
 		}
 		return stale
 	}
-	return c.readL2ManyTrusting(ctx, keys, hit, trustTags)
+	return c.readL2ManyTrusting(ctx, keys, hit, trustTags, nil)
 }
 
 // readL2ManyTrusting is readL2Many with the generations it may trust: tr is trustTags for a first
-// read, trustNone for the read again of values that a trusted generation could not vouch for.
-func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(i int32, e *l1entry[V]), tr trust) (stale []*l1entry[V]) {
+// read, trustNone for the read again of values that a trusted generation could not vouch for; seen
+// then holds the values the first read found, keys[i]'s in seen[i].
+func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(i int32, e *l1entry[V]), tr trust, seen [][]byte) (stale []*l1entry[V]) {
 	if c.staleTTL > 0 {
 		stale = make([]*l1entry[V], len(keys))
 	}
@@ -78,12 +79,25 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 	var tags, missing []string
 	var drop []int // values to delete from Redis (if unchanged): unreadable or stale
 	var dropData [][]byte
-	var retry []int32 // values stale against a trusted generation: to be read again (indexes in keys)
+	var retry []int32      // values stale against a trusted generation: to be read again (indexes in keys)
+	var retryData [][]byte // the values read, retry's
 	// On a Cluster or a Ring a value and its generation key are read from different nodes
 	// concurrently, so the generation may have been read before the value was written: a first
 	// read's stale verdict is checked by the read again too (see staleOnSecondLook), whose
 	// generations come after this read's values.
 	secondLook := tr != trustNone && !c.l2.oneNode()
+	// The read again reads the values again too: one replaced since the first read (an
+	// invalidation, then a new value) may again have been read after its generations. Its verdict
+	// is checked against generations read after it, as staleOnSecondLook does for one key; a value
+	// the first read found already was written before these generations were read. ok is false
+	// when that check failed (counted): the value is neither served nor deleted.
+	stillStale := func(j int, env envelope, data []byte) (old, ok bool) {
+		if seen == nil || c.l2.oneNode() || string(seen[r.rd[j]]) == string(data) {
+			return true, true
+		}
+		old, err := c.staleOnSecondLook(ctx, keys[r.rd[j]], env)
+		return old, err == nil
+	}
 	miss := func(j int, data []byte) {
 		c.guard.record(ctx, false)
 		c.l2.debug(ctx, "GET", r.rkey(j), "MISS")
@@ -143,7 +157,14 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 		var old bool
 		if old, missing = stampStale(env, g.gen, g.ok, nil, nil, missing[:0]); old {
 			if g.trusted || secondLook {
-				retry = append(retry, i)
+				retry, retryData = append(retry, i), append(retryData, data)
+				continue
+			}
+			if old, ok := stillStale(j, env, data); !ok {
+				c.l2.debug(ctx, "GET", r.rkey(j), "ERROR")
+				continue
+			} else if !old {
+				finish(j, e, env, data)
 				continue
 			}
 			c.stats.l2Stale.Add(1)
@@ -189,7 +210,14 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 			old, left := stampStale(p.env, g.gen, g.ok, cur, nil, missing[:0])
 			if old || len(left) > 0 { // a moved generation, or a missing meta hash
 				if g.trusted || usedTrust || secondLook {
-					retry = append(retry, r.rd[p.j])
+					retry, retryData = append(retry, r.rd[p.j]), append(retryData, p.data)
+					continue
+				}
+				if old, ok := stillStale(p.j, p.env, p.data); !ok {
+					c.l2.debug(ctx, "GET", r.rkey(p.j), "ERROR")
+					continue
+				} else if !old {
+					finish(p.j, p.e, p.env, p.data)
 					continue
 				}
 				c.stats.l2Stale.Add(1)
@@ -216,7 +244,7 @@ func (c *Cache[V]) readL2ManyTrusting(ctx context.Context, keys []Key, hit func(
 			head, _ := keys[i].split()
 			c.gens.forget(head)
 		}
-		st := c.readL2ManyTrusting(ctx, again, func(x int32, e *l1entry[V]) { hit(retry[x], e) }, trustNone)
+		st := c.readL2ManyTrusting(ctx, again, func(x int32, e *l1entry[V]) { hit(retry[x], e) }, trustNone, retryData)
 		for x, e := range st {
 			if e != nil {
 				stale[retry[x]] = e

@@ -93,3 +93,93 @@ func TestWaitReadFailureBehindAnAbsentValueIsCounted(t *testing.T) {
 		})
 	}
 }
+
+// racingGen answers, on a one-shard Ring, the GETs of an entity's generation key as a Cluster
+// may when the value and the generation live on different nodes: the first read finds the
+// generation absent (read before the value's holder registered); in the second, the generation
+// is read before change runs (an invalidation and a new value) and the value after it.
+type racingGen struct {
+	key    string
+	read   func() string // the generation key's current value
+	change func()
+	n      int
+}
+
+func (*racingGen) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *racingGen) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		pipe := h.ProcessPipelineHook(func(ctx context.Context, cmds []redis.Cmder) error { return next(ctx, cmds[0]) })
+		return pipe(ctx, []redis.Cmder{cmd})
+	}
+}
+func (h *racingGen) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		var gen *redis.StringCmd
+		for _, c := range cmds {
+			if g, ok := c.(*redis.StringCmd); ok && g.Name() == "get" && g.Args()[1] == h.key {
+				gen = g
+			}
+		}
+		if gen == nil {
+			return next(ctx, cmds)
+		}
+		h.n++
+		switch h.n {
+		case 1:
+			err := next(ctx, cmds)
+			gen.SetVal("")
+			gen.SetErr(redis.Nil)
+			return err
+		case 2:
+			old := h.read()
+			h.change()
+			err := next(ctx, cmds)
+			gen.SetVal(old)
+			gen.SetErr(nil)
+			return err
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// GetMany on a Cluster or a Ring reads again, trusting nothing, a value whose stamp looked stale
+// against a generation read with it: that read again is its second look. But the read again
+// reads the value again too, with its generation, from two nodes at once: if the value has been
+// replaced in between (an invalidation, then a new value), the generation may again be read
+// before the new value was written. The new, current value must not then be deleted as stale.
+func TestGetManyReadAgainLooksAgainAtAReplacedValue(t *testing.T) {
+	e := newNodeEnv(t)
+	k := NewKey("artist", "readagain")
+	a := newCache[ImageMeta](e, e.opts())
+	if err := a.Set(ctx, k, metaV("readagain", 1)); err != nil {
+		t.Fatal(err)
+	}
+	rkey, genKey := a.l2.readKeys(k)
+	h := &racingGen{key: genKey,
+		read: func() string { return e.rdb.Get(ctx, genKey).Val() },
+		change: func() {
+			if err := a.InvalidateEntity(ctx, "artist", "readagain"); err != nil {
+				t.Error(err)
+			}
+			if err := a.Set(ctx, k, metaV("readagain", 2)); err != nil {
+				t.Error(err)
+			}
+		}}
+	bo := e.opts()
+	bo.Redis = heldRing(t, e, h)
+	bo.L1Size = -1
+	b := newCache[ImageMeta](e, bo)
+	vals, found, err := b.GetMany(ctx, []Key{k})
+	if h.n < 2 {
+		t.Fatalf("the generation was read %d times; want the read and the read again", h.n)
+	}
+	if st := b.Stats(); st.L2Stale != 0 {
+		t.Errorf("L2Stale = %d: the current value was judged stale", st.L2Stale)
+	}
+	if n := e.rdb.Exists(ctx, rkey).Val(); n != 1 {
+		t.Error("the current value was deleted from Redis")
+	}
+	if err != nil || !found[0] || vals[0].ETag != `"readagain-v2"` {
+		t.Errorf("GetMany = %v %s, %v; want the current value", found, vals[0].ETag, err)
+	}
+}
