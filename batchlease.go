@@ -123,7 +123,7 @@ func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32, giveU
 			return load, nil
 		}
 		past := !time.Now().Before(giveUp)
-		var gone []int32
+		var gone, failed []int32
 		still = make([]int32, 0, len(waiting))
 		for j, i := range waiting {
 			switch h, err := holders[j].Result(); {
@@ -135,8 +135,11 @@ func (b *batchFlight[V]) awaitLeases(ctx context.Context, waiting []int32, giveU
 			case err == nil || errors.Is(err, redis.Nil):
 				gone = append(gone, i)
 			default: // this key's read failed (its Cluster node is down)
-				noLease([]int32{i})
+				failed = append(failed, i)
 			}
+		}
+		if len(failed) > 0 {
+			noLease(failed) // their leases let go in one round trip, as when the whole poll fails
 		}
 		retake := b.readReleased(ctx, gone)
 		switch {

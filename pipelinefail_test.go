@@ -3,8 +3,12 @@ package imgcache
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
+	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -181,5 +185,73 @@ func TestGetManyReadAgainLooksAgainAtAReplacedValue(t *testing.T) {
 	}
 	if err != nil || !found[0] || vals[0].ETag != `"readagain-v2"` {
 		t.Errorf("GetMany = %v %s, %v; want the current value", found, vals[0].ETag, err)
+	}
+}
+
+// leaseReleases counts the round trips (pipelines, or commands alone) that release one of keys
+// with releaseLeaseScript.
+type leaseReleases struct {
+	keys []string
+	mu   sync.Mutex
+	n    int
+}
+
+func (*leaseReleases) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *leaseReleases) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.count([]redis.Cmder{cmd})
+		return next(ctx, cmd)
+	}
+}
+func (h *leaseReleases) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.count(cmds)
+		return next(ctx, cmds)
+	}
+}
+func (h *leaseReleases) count(cmds []redis.Cmder) {
+	for _, c := range cmds {
+		args := c.Args()
+		if (c.Name() == "evalsha" || c.Name() == "eval") && len(args) > 3 && slices.Contains(h.keys, fmt.Sprint(args[3])) &&
+			(args[1] == any(releaseLeaseScript.Hash()) || strings.Contains(fmt.Sprint(args[1]), "redis.call('GET', KEYS[1]) == ARGV[1] then return")) {
+			h.mu.Lock()
+			h.n++
+			h.mu.Unlock()
+			return
+		}
+	}
+}
+
+// A batch whose poll of the other holders' leases fails for every key (Redis times out) loads
+// them all here, as before the poll read each key's reply, and lets go of the leases it may hold
+// in one round trip for all of them, not one each.
+func TestLeasePollFailingForEveryKeyReleasesInOneRoundTrip(t *testing.T) {
+	e := newNodeEnv(t)
+	ks := coverKeys("pollall", 3)
+	f := &faults{}
+	opts := e.opts()
+	ring := heldRing(t, e, f)
+	opts.Redis = ring
+	opts.BreakerThreshold = -1
+	b := newCache[ImageMeta](e, opts)
+	rel := &leaseReleases{}
+	for _, k := range ks {
+		rel.keys = append(rel.keys, b.leaseKey(k))
+		if err := e.rdb.Set(ctx, b.leaseKey(k), "holder-"+k.ID(), time.Minute).Err(); err != nil {
+			t.Fatal(err)
+		}
+		f.add("get", b.leaseKey(k), lost{context.DeadlineExceeded})
+	}
+	ring.AddHook(rel)
+	var l countingBatchLoader
+	if _, found, err := b.GetOrLoadMany(ctx, ks, l.load); err != nil || !found[0] || !found[1] || !found[2] {
+		t.Fatalf("GetOrLoadMany = %v, %v; want every value", found, err)
+	}
+	if calls := l.callsOf(); len(calls) != 1 || len(calls[0]) != len(ks) {
+		t.Errorf("loader calls %v; want one, of every key", calls)
+	}
+	_ = b.Close() // waits for the releases
+	if rel.n != 1 {
+		t.Errorf("the leases were let go in %d round trips, want 1", rel.n)
 	}
 }
