@@ -588,13 +588,15 @@ return out`)
 // writeVerified writes loaded values so that none survives a Delete, Set or InvalidatePattern that
 // moved the epochs it registered under while it loaded; kept[i] is false for a value that was not
 // kept (L1 drops it). Invalidations by entity or tag need no check: they move a generation, and the
-// value's stamp then reads as stale. On a single Redis, writeChecked checks and writes at once. On
-// a Cluster or Ring the keys involved live on different nodes, so the values are written first and
-// checked after (two pipelines): a write whose epochs moved is removed (only if it is still
-// there) and the other instances, which may have read it meanwhile, are told. A write that may have
+// value's stamp then reads as stale. The values are written, then the epochs read, in one
+// pipeline on a single Redis (which runs it in order) and in two on a Cluster or Ring, where the
+// keys involved live on different nodes (l2.orderedAll: writes one node refused do not keep the
+// others from being checked). A write whose epochs moved is removed (only if it is still there)
+// and the other instances, which may have read it meanwhile, are told. A write that may have
 // landed but could not be checked (its reply or the check timed out) is taken back the same way:
-// only a reply from Redis proves it did not land. Leases are released by writeChecked, and on a
-// Cluster by the loader's own deferred release.
+// only a reply from Redis proves it did not land. On a single Redis the leases are released in
+// the same pipeline, each only if its epochs did not move; on a Cluster by the loader's own
+// deferred release.
 func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool) {
 	kept = make([]bool, len(ws))
 	rkeys := make([]string, len(ws))

@@ -159,6 +159,26 @@ func newWaitSetup(t *testing.T, path string, env func(testing.TB) *testEnv, clie
 	return w
 }
 
+// startBatch starts w.b.GetOrLoadMany of w.ks with loader l in a goroutine and returns once it
+// has polled the leases (it waits for them); wait returns what GetOrLoadMany did.
+func (w *waitSetup) startBatch(t *testing.T, l *countingBatchLoader) (wait func() ([]bool, error)) {
+	polls := w.f.add("get", w.b.leaseKey(w.ks[1]))
+	var found []bool
+	var err error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, found, err = w.b.GetOrLoadMany(ctx, w.ks, l.load)
+	}()
+	eventually(t, func() error {
+		if w.f.seen(polls) == 0 {
+			return errors.New("the batch has not polled the leases yet")
+		}
+		return nil
+	})
+	return func() ([]bool, error) { <-done; return found, err }
+}
+
 // release is the holder's finish for ks[i]: it stores the key's value and lets the lease go.
 func (w *waitSetup) release(ctx context.Context, i int) error {
 	if err := w.holder.Set(ctx, w.ks[i], metaV(w.ks[i].String(), 1)); err != nil {
@@ -214,21 +234,8 @@ func TestWaitReadFailingOnOneNodeStillTakesTheOtherValues(t *testing.T) {
 		t.Run(path.name, func(t *testing.T) {
 			w := newWaitSetup(t, "waitread", path.env, path.client)
 			ks, f := w.ks, w.f
-			polls := f.add("get", w.b.leaseKey(ks[1]))
 			var l countingBatchLoader
-			var found []bool
-			var err error
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				_, found, err = w.b.GetOrLoadMany(ctx, ks, l.load)
-			}()
-			eventually(t, func() error {
-				if f.seen(polls) == 0 {
-					return errors.New("the batch has not polled the leases yet")
-				}
-				return nil
-			})
+			wait := w.startBatch(t, &l)
 			// The value of ks[0] is read again once the leases have gone: its node fails then.
 			failing := f.add("get", w.b.l2.key(ks[0]), nodeDown)
 			for i := range ks {
@@ -236,7 +243,7 @@ func TestWaitReadFailingOnOneNodeStillTakesTheOtherValues(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			<-done
+			found, err := wait()
 			if err != nil || !found[0] || !found[1] {
 				t.Fatalf("GetOrLoadMany = %v, %v; want both values", found, err)
 			}

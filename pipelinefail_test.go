@@ -2,7 +2,6 @@ package imgcache
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -56,21 +55,8 @@ func TestWaitReadFailureBehindAnAbsentValueIsCounted(t *testing.T) {
 		t.Run(path.name, func(t *testing.T) {
 			w := newWaitSetup(t, "nilcount", path.env, path.client)
 			ks, f := w.ks, w.f
-			polls := f.add("get", w.b.leaseKey(ks[1]))
 			var l countingBatchLoader
-			var found []bool
-			var err error
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				_, found, err = w.b.GetOrLoadMany(ctx, ks, l.load)
-			}()
-			eventually(t, func() error {
-				if f.seen(polls) == 0 {
-					return errors.New("the batch has not polled the leases yet")
-				}
-				return nil
-			})
+			wait := w.startBatch(t, &l)
 			// ks[0]'s holder lets its lease go without a value; ks[1]'s stores one, whose node
 			// then fails the read.
 			failing := f.add("get", w.b.l2.key(ks[1]), nodeDown)
@@ -81,7 +67,7 @@ func TestWaitReadFailureBehindAnAbsentValueIsCounted(t *testing.T) {
 			if err := w.e.rdb.Del(ctx, w.b.leaseKey(ks[0]), w.b.leaseKey(ks[1])).Err(); err != nil {
 				t.Fatal(err)
 			}
-			<-done
+			found, err := wait()
 			if err != nil || !found[0] || !found[1] {
 				t.Fatalf("GetOrLoadMany = %v, %v; want both values", found, err)
 			}
