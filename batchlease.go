@@ -17,14 +17,14 @@ import (
 func (c *Cache[V]) releaseLeases(ctx context.Context, ks []Key, tokens []string) {
 	_ = c.l2.call(context.WithoutCancel(ctx), func(ctx context.Context) error {
 		var scripts scriptCalls
-		_, err := c.l2.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		cmds, err := c.l2.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for i, k := range ks {
 				scripts.run(ctx, p, releaseLeaseScript, []string{c.leaseKey(k)}, tokens[i])
 			}
 			return nil
 		})
 		scripts.retry(ctx, c.l2)
-		return pipelineErr(err)
+		return firstFailure(err, cmds...)
 	})
 }
 

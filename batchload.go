@@ -208,7 +208,8 @@ var errBatchAbandoned = errors.New("imgcache: batch load ended without a result"
 // load. The flights stay in the map until then, so no second load of a key starts meanwhile. It
 // returns nil when no key has a stale value; otherwise a stop to call when the load has ended,
 // which returns once the timer's callback, if it started, has finished (Close waits for the batch,
-// and so for the callback too).
+// and so for the callback too). The timer is the load's deadline, as a context's would be: one per
+// batch load in flight, and only with a stale value at hand, never one per cached entry.
 func (c *Cache[V]) softTimeoutBatch(keys []Key, fs []*flight[V], todo []int32, stale []*l1entry[V]) (stop func()) {
 	if c.softTimeout == 0 {
 		return nil

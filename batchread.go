@@ -414,7 +414,7 @@ func parseGen(s string, failed bool) genValue {
 // empty); in a pipeline, failed[j] reports that the j-th key's GET failed (failed is nil on a
 // single Redis). vals is nil when nothing could be read.
 func (c *Cache[V]) mget(ctx context.Context, args []any) (vals []string, failed []bool, err error) {
-	if _, single := c.l2.rdb.(*redis.Client); single {
+	if c.l2.oneNode() {
 		err = c.l2.call(ctx, func(ctx context.Context) error {
 			// A StringSliceCmd reads the replies as strings, nil as "": no interface per value.
 			cmd := redis.NewStringSliceCmd(ctx, args...)

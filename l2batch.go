@@ -85,7 +85,7 @@ type pendingRead struct {
 // round trip, batched with other reads on a single Redis when readsInFlight are under way. An
 // absent key is not an error: its ok is false.
 func (l *l2) read(ctx context.Context, key, genKey string) (readReply, error) {
-	if _, single := l.rdb.(*redis.Client); !single {
+	if !l.oneNode() {
 		return l.readAlone(ctx, key, genKey)
 	}
 	b := &l.reads
@@ -125,7 +125,7 @@ func (l *l2) readAlone(ctx context.Context, key, genKey string) (r readReply, er
 		})
 		return r, err
 	}
-	if _, single := l.rdb.(*redis.Client); single {
+	if l.oneNode() {
 		err = l.call(ctx, func(ctx context.Context) error {
 			cmd := redis.NewSliceCmd(ctx, "mget", key, genKey)
 			err := l.processRead(ctx, cmd)
@@ -153,10 +153,14 @@ func (l *l2) readAlone(ctx context.Context, key, genKey string) (r readReply, er
 	return r, err
 }
 
-// firstFailure returns the error of a pipeline of GETs: the first command's that is not an absent
-// key's, else the pipeline's own. go-redis returns the first command's error, which may be an
-// absent key's redis.Nil while a later command, on another node, failed.
-func firstFailure(err error, cmds ...*redis.StringCmd) error {
+// firstFailure returns the error of a pipeline of cmds, err being what go-redis returned: the first
+// command's error that is not an absent key's, else the pipeline's own (nil for redis.Nil).
+// go-redis returns the first failed command's error, which may be an absent key's redis.Nil while
+// a later command, on another node, failed.
+func firstFailure(err error, cmds ...redis.Cmder) error {
+	if err == nil {
+		return nil
+	}
 	for _, c := range cmds {
 		if cerr := c.Err(); cerr != nil && !errors.Is(cerr, redis.Nil) {
 			return cerr

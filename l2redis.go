@@ -77,28 +77,13 @@ func (l *l2) call(ctx context.Context, f func(ctx context.Context) error) error 
 	return err
 }
 
-// pipelined runs a pipeline through call. Its error is the first failed command's that is not an
-// absent key's redis.Nil: go-redis returns the first failed command's, which may be a Nil while a
-// later command (on a Cluster or a Ring, another node's) failed.
+// pipelined runs a pipeline through call. Its error is firstFailure's: the first failed command's
+// that is not an absent key's redis.Nil.
 func (l *l2) pipelined(ctx context.Context, f func(ctx context.Context, p redis.Pipeliner)) error {
 	return l.call(ctx, func(ctx context.Context) error {
 		cmds, err := l.rdb.Pipelined(ctx, func(p redis.Pipeliner) error { f(ctx, p); return nil })
-		return firstFailed(cmds, err)
+		return firstFailure(err, cmds...)
 	})
-}
-
-// firstFailed returns err, a pipeline's error, unless it is redis.Nil: then the first error of
-// cmds that is not redis.Nil, or nil.
-func firstFailed(cmds []redis.Cmder, err error) error {
-	if !errors.Is(err, redis.Nil) {
-		return err
-	}
-	for _, c := range cmds {
-		if cerr := c.Err(); cerr != nil && !errors.Is(cerr, redis.Nil) {
-			return cerr
-		}
-	}
-	return nil
 }
 
 // checkClient refuses a client that would ignore the per-call deadline. go-redis applies a context's
@@ -476,7 +461,7 @@ func genReply(cmd *redis.StringCmd) (gen uint64, ok bool, err error) {
 // invalidation half done, would leave a stale value; each step is still bounded by L2Timeout. A
 // redis.Nil reply (an absent key) is not an error here. A later step's error is an afterChange.
 func (l *l2) ordered(ctx context.Context, steps ...func(redis.Pipeliner)) error {
-	if _, single := l.rdb.(*redis.Client); single {
+	if l.oneNode() {
 		return l.pipelined(ctx, func(_ context.Context, p redis.Pipeliner) {
 			for _, s := range steps {
 				s(p)
@@ -502,7 +487,7 @@ func (l *l2) ordered(ctx context.Context, steps ...func(redis.Pipeliner)) error 
 // the others answered), as long as the first was sent and did not fail for want of time: a step
 // that timed out says the next would likely wait as long. It returns the first error.
 func (l *l2) orderedAll(ctx context.Context, steps ...func(redis.Pipeliner)) error {
-	if _, single := l.rdb.(*redis.Client); single || len(steps) == 0 {
+	if l.oneNode() || len(steps) == 0 {
 		return l.ordered(ctx, steps...)
 	}
 	sent := false

@@ -252,24 +252,16 @@ func (c *Cache[V]) staleOnSecondLook(ctx context.Context, k Key, env envelope) (
 		c.countL2Error(err)
 		return false, err
 	}
-	// A reply that does not parse (invalidateScript once wrote a generation in exponent form) reads
-	// as a missing generation, as readWithGen reads it: the value is invalid.
-	g, gok, gerr := genReply(gen)
-	err = pipelineErr(gen.Err())
+	// Every reply is a value or an absent key's now (pipelined reports any other failure). One that
+	// does not parse (invalidateScript once wrote a generation in exponent form) reads as a missing
+	// generation, as readWithGen reads it: the value is invalid.
+	g, gok, _ := genReply(gen)
 	cur := make([]tagGen, 0, len(tags))
 	for i, cmd := range tagCmds {
 		if tg, ok, _ := genReply(cmd); ok {
 			cur = append(cur, tagGen{tags[i], tg})
 		}
-		if err == nil {
-			err = pipelineErr(cmd.Err())
-		}
 	}
-	if err != nil {
-		c.countL2Error(err)
-		return false, err
-	}
-	gok = gok && gerr == nil
 	stale, missing := stampStale(env, g, gok, cur, nil, nil)
 	return stale || len(missing) > 0, nil
 }
@@ -615,7 +607,7 @@ func (c *Cache[V]) writeVerified(ctx context.Context, ws []l2write) (kept []bool
 	// On a single Redis the leases go in the same pipeline, each released only if its load's
 	// epochs did not move; on a Cluster their keys live on other nodes, and the loads' deferred
 	// releases let them go after the write.
-	_, single := c.l2.rdb.(*redis.Client)
+	single := c.l2.oneNode()
 	releases := make([]*redis.Cmd, len(ws))
 	var releaseMany *redis.Cmd // a batch's: one call for all of its leases
 	var manyOf []int           // the writes whose leases releaseMany releases, in order
